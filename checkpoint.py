@@ -1,0 +1,111 @@
+"""Checkpoints: one torch.save dict of plain types and tensors, written atomically, read with
+weights_only=True so that no pickled code ever runs. Also the device choice every script shares.
+
+Layout (both files carry "config", so generate.py / fid.py / app.py rebuild the model from it):
+    <ckpt-dir>/<dataset>.pt       {"config", "model", "ema", "optimizer", "step", "rng", ...}  (resume)
+    <ckpt-dir>/<dataset>_ema.pt   {"config", "ema_model", "step"}                             (sampling)
+
+config = {"dataset": str,
+          "model":     UNet keyword arguments,
+          "diffusion": GaussianDiffusion keyword arguments (image_size, channels, timesteps, ...),
+          "data":      {"name", "image_size", "channels", "class_names": [...] or None, ...},
+          "train":     the trainer's resolved hyperparameters}
+"""
+
+import os
+import pickle
+import tempfile
+
+import torch
+
+from diffusion import GaussianDiffusion
+from unet import UNet
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used, with a message that says what to do."""
+
+
+def pick_device(name="auto"):
+    """"auto" -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a truncated checkpoint, and the previous one survives until the new one is complete."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint safely, or raise CheckpointError saying what is wrong."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; train one first "
+                              "(e.g. python train_mnist.py) or pass the right --ckpt")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as checkpoints/mnist_ema.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"refusing {path}: it holds pickled Python objects, not just tensors and "
+                                  "plain values, and loading it could run arbitrary code. Only checkpoints "
+                                  "written by this repo's trainers are accepted.") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+    except Exception as e:                     # not a zip / torch file at all
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not any(k in ckpt for k in ("ema_model", "ema", "model")):
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repo "
+                              "(no 'config' and weights); use a file written by train_*.py")
+    return ckpt
+
+
+def build_diffusion(config):
+    """Rebuild the (untrained) UNet and GaussianDiffusion from a stored config alone."""
+    unet = UNet(**config["model"])
+    return GaussianDiffusion(unet, **config["diffusion"])
+
+
+def ema_weights(ckpt):
+    """The EMA weights of a checkpoint as a UNet state dict (falls back to the raw weights)."""
+    if "ema_model" in ckpt:
+        return ckpt["ema_model"]
+    if "ema" in ckpt:
+        return ckpt["ema"]["shadow"]
+    return ckpt["model"]
+
+
+def load_for_sampling(path, device="cpu"):
+    """checkpoint path -> (GaussianDiffusion with EMA weights, in eval mode on device, config)."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    try:
+        diffusion = build_diffusion(config)
+        diffusion.model.load_state_dict(ema_weights(ckpt))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its config and weights do not fit together ({e})") from None
+    return diffusion.to(device).eval(), config

@@ -1,0 +1,291 @@
+"""Gaussian diffusion (Ho et al. 2020, "DDPM"), DDIM sampling (Song et al. 2021) and
+classifier-free guidance (Ho & Salimans 2022), around any network net(x_t, t, labels) -> output.
+
+Notation. T steps; the tensor index t ∈ {0, …, T−1} stands for the paper's step t + 1, so
+t = 0 is the first noising step and t = T − 1 produces (almost) pure noise.
+
+    β_t               betas                   α_t = 1 − β_t
+    ᾱ_t = ∏_{s≤t} α_s alphas_cumprod           ᾱ_{t−1} = alphas_cumprod_prev (ᾱ_{−1} = 1)
+    β̃_t              posterior_variance      = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t
+
+Schedules are computed in float64 and stored as float32 buffers; `extract` gathers one value
+per batch element, shaped (B, 1, 1, 1) so that it broadcasts over images.
+
+docs/whiteboard.md lists every equation with the line that computes it.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
+    """DDPM §4: β rises linearly from 1e-4 to 0.02 over T = 1000 steps. (T,) float64."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
+    """Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2).
+
+    β_t = 1 − ᾱ_t/ᾱ_{t−1}, clipped at max_beta: without the clip the last β is 1 and the
+    step t = T is singular (Nichol & Dhariwal §3.2). (T,) float64.
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)                 # paper's t = 0 … T
+    f = torch.cos((steps / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]                                                     # ᾱ_t = f(t)/f(0)
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]                               # β_t = 1 − ᾱ_t/ᾱ_{t−1}
+    return betas.clamp(max=max_beta)
+
+
+SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+OBJECTIVES = ("eps", "x0", "v")
+VARIANCES = ("beta_tilde", "beta")      # σ_t² = β̃_t ("fixedsmall") or β_t ("fixedlarge"), DDPM §3.2
+SAMPLERS = ("ddpm", "ddim")
+
+
+def extract(buffer, t):
+    """buffer: (T,), t: (B,) ints -> (B, 1, 1, 1)."""
+    return buffer.gather(0, t).reshape(-1, 1, 1, 1)
+
+
+def ddim_timesteps(timesteps, steps):
+    """`steps` indices spread evenly over [0, T−1], descending, always including T−1 and 0."""
+    return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
+
+
+# ----------------------------------------------------------------------------- the process
+
+class GaussianDiffusion(nn.Module):
+    """Forward process, training loss and samplers around an ε-, x_0- or v-predicting network.
+
+    model: net(x_t, t, labels) -> (B, C, H, W); if it has num_classes (not None), label
+        num_classes is the null label used for classifier-free guidance.
+    objective: what the network predicts: "eps" (DDPM), "x0", or "v" (Salimans & Ho 2022).
+    variance: σ_t² of the reverse step: "beta_tilde" (β̃_t) or "beta" (β_t).
+    cond_drop_prob: in training, the share of labels replaced by the null label (CFG).
+    """
+
+    def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
+                 objective="eps", variance="beta_tilde", cond_drop_prob=0.1):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+        self.model = model
+        self.image_size = image_size
+        self.channels = channels
+        self.num_timesteps = timesteps
+        self.schedule = schedule
+        self.objective = objective
+        self.variance = variance
+        self.cond_drop_prob = cond_drop_prob
+        self.num_classes = getattr(model, "num_classes", None)
+
+        betas = SCHEDULES[schedule](timesteps)                                       # float64 (T,)
+        alphas = 1 - betas                                                           # α_t = 1 − β_t
+        alphas_cumprod = torch.cumprod(alphas, dim=0)                                # ᾱ_t = ∏ α_s
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # ᾱ_{t−1}
+        posterior_variance = (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas   # eq. 7: β̃_t
+        # β̃_0 = 0, so log β̃ is clipped at the first step to log β̃_1, as the DDPM code does; with
+        # σ² = β, the first step uses β̃_1 as well (DDPM's "fixedlarge"). Step 0 adds no noise anyway.
+        log_var_small = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        log_var_large = torch.log(torch.cat([posterior_variance[1:2], betas[1:]]))
+
+        def register(name, value):
+            self.register_buffer(name, value.float(), persistent=False)
+
+        register("betas", betas)
+        register("alphas_cumprod", alphas_cumprod)
+        register("alphas_cumprod_prev", alphas_cumprod_prev)
+        register("sqrt_alphas_cumprod", alphas_cumprod.sqrt())                         # √ᾱ_t
+        register("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt())         # √(1−ᾱ_t)
+        register("sqrt_recip_alphas", alphas.rsqrt())                                 # 1/√α_t
+        register("eps_coef", betas / (1 - alphas_cumprod).sqrt())                     # β_t/√(1−ᾱ_t)
+        register("posterior_variance", posterior_variance)
+        register("posterior_mean_coef1", alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod))
+        register("posterior_mean_coef2", alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
+        register("posterior_log_variance", log_var_small if variance == "beta_tilde" else log_var_large)
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_sample(self, x0, t, noise=None):
+        """Ho et al. eq. 4: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, ε ~ N(0, I)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return extract(self.sqrt_alphas_cumprod, t) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Eqs. 6–7: q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I),
+        μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x_0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t. Returns (mean, variance)."""
+        mean = extract(self.posterior_mean_coef1, t) * x0 + extract(self.posterior_mean_coef2, t) * xt
+        return mean, extract(self.posterior_variance, t)
+
+    # ------------------------------------------------------------------ x_0 ↔ ε ↔ v
+
+    def predict_x0_from_eps(self, xt, t, eps):
+        """Eq. 4 solved for x_0: x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+        return (xt - extract(self.sqrt_one_minus_alphas_cumprod, t) * eps) / extract(self.sqrt_alphas_cumprod, t)
+
+    def predict_eps_from_x0(self, xt, t, x0):
+        """Eq. 4 solved for ε: ε = (x_t − √ᾱ_t·x_0) / √(1−ᾱ_t)."""
+        return (xt - extract(self.sqrt_alphas_cumprod, t) * x0) / extract(self.sqrt_one_minus_alphas_cumprod, t)
+
+    def v_target(self, x0, t, eps):
+        """Salimans & Ho 2022: v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0."""
+        return extract(self.sqrt_alphas_cumprod, t) * eps - extract(self.sqrt_one_minus_alphas_cumprod, t) * x0
+
+    def predict_x0_from_v(self, xt, t, v):
+        """x̂_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v."""
+        return extract(self.sqrt_alphas_cumprod, t) * xt - extract(self.sqrt_one_minus_alphas_cumprod, t) * v
+
+    # ------------------------------------------------------------------ the network's view
+
+    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True, model=None):
+        """Run the network once (twice with guidance) and return (ε_θ, x̂_0).
+
+        Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = (1 + w)·out(y) − w·out(∅).
+        Every parameterisation is linear in the network's output at fixed x_t, so mixing raw
+        outputs equals mixing the implied ε. With clip_denoised, x̂_0 is clamped to [−1, 1] (the
+        data range; not in the equations, but in the DDPM code) and ε is recomputed from it, so
+        the pair stays consistent.
+        """
+        model = self.model if model is None else model
+        if labels is not None and guidance != 0.0:
+            null = torch.full_like(labels, self.num_classes)
+            out_cond, out_uncond = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+            out = (1 + guidance) * out_cond - guidance * out_uncond
+        else:
+            out = model(xt, t, labels).float()
+
+        if self.objective == "eps":
+            eps, x0 = out, self.predict_x0_from_eps(xt, t, out)
+        elif self.objective == "x0":
+            x0 = out
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        else:
+            x0 = self.predict_x0_from_v(xt, t, out)
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        return eps, x0
+
+    def p_mean(self, xt, t, eps):
+        """Eq. 11: μ_θ(x_t, t) = (x_t − β_t/√(1−ᾱ_t)·ε_θ) / √α_t."""
+        return extract(self.sqrt_recip_alphas, t) * (xt - extract(self.eps_coef, t) * eps)
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, x0, labels=None, model=None):
+        """Eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0, …, T−1}.
+
+        For objective "x0" or "v" the target is x_0 or v instead of ε. With labels and
+        cond_drop_prob > 0, that share of labels becomes the null label (CFG training).
+        """
+        model = self.model if model is None else model
+        B = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)                # (B,)
+        eps = torch.randn_like(x0)                                                      # (B, C, H, W)
+        xt = self.q_sample(x0, t, eps)
+        if labels is not None and self.cond_drop_prob > 0:
+            drop = torch.rand(B, device=x0.device) < self.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        target = {"eps": eps, "x0": x0, "v": self.v_target(x0, t, eps)}[self.objective]
+        return F.mse_loss(model(xt, t, labels).float(), target)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _check_sampling_args(self, sampler, steps, labels, n):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        if steps is not None and not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be between 1 and T = {self.num_timesteps}, got {steps}")
+        if labels is not None:
+            if self.num_classes is None:
+                raise ValueError("labels were given but the model is unconditional")
+            if labels.shape != (n,):
+                raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+
+    @torch.no_grad()
+    def sample_iter(self, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
+                    clip_denoised=True, x_T=None, generator=None, progress=True, model=None):
+        """Yield (t, x_t, x̂_0) after every reverse step; the last x_t is the sample, in [−1, 1].
+
+        sampler "ddpm": Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
+            ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
+        sampler "ddim": eq. 12 over `steps` evenly spaced steps; η = 0 is deterministic given x_T.
+        generator: a torch.Generator for the noise, for reproducible samples; its device is where
+            the noise is drawn (use a CPU generator for the same images on every device).
+        """
+        self._check_sampling_args(sampler, steps, labels, n)
+        model = self.model if model is None else model
+        device = self.betas.device
+        shape = (n, self.channels, self.image_size, self.image_size)
+
+        def randn():
+            gen_device = generator.device if generator is not None else device
+            return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+        x = randn() if x_T is None else x_T.to(device)                                  # x_T ~ N(0, I)
+        if sampler == "ddpm" and (steps is None or steps == self.num_timesteps):
+            step_iter = self._ddpm_steps(x, labels, guidance, clip_denoised, randn, model)
+            total = self.num_timesteps
+        else:
+            if sampler == "ddpm":
+                eta = 1.0
+            ts = ddim_timesteps(self.num_timesteps, steps or 50)
+            step_iter = self._ddim_steps(x, ts.tolist(), eta, labels, guidance, clip_denoised, randn, model)
+            total = len(ts)
+        yield from tqdm(step_iter, total=total, desc=f"{sampler} sampling", disable=not progress, leave=False)
+
+    def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn, model):
+        """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t·z, z ~ N(0, I), and z = 0 at the last step."""
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised, model)
+            mean = self.p_mean(x, t, eps)                                             # eq. 11
+            if i > 0:
+                x = mean + (0.5 * extract(self.posterior_log_variance, t)).exp() * randn()  # σ_t·z
+            else:
+                x = mean                                                              # no noise at t = 1
+            yield i, x, x0
+
+    def _ddim_steps(self, x, ts, eta, labels, guidance, clip_denoised, randn, model):
+        """Song et al. 2021, eq. 12, from step t to the next chosen step t' < t (ᾱ_{t'} = 1 after the last):
+        x_{t'} = √ᾱ_{t'}·x̂_0 + √(1 − ᾱ_{t'} − σ²)·ε_θ + σ·z,
+        σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (eq. 16)."""
+        for i, t_now in enumerate(ts):
+            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised, model)
+            alpha_bar = self.alphas_cumprod[t_now]
+            alpha_bar_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(alpha_bar)
+            sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+            x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(ts):
+                x = x + sigma * randn()
+            yield t_now, x, x0
+
+    @torch.no_grad()
+    def sample(self, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
+               clip_denoised=True, x_T=None, generator=None, progress=True, trajectory_every=None, model=None):
+        """Draw n images, (n, C, H, W) in [−1, 1]. See sample_iter for the arguments.
+
+        With trajectory_every = k, also return the trajectory: a list of (t, x_t, x̂_0) for every
+        k-th step and the last one, on the CPU, for animations.
+        """
+        trajectory = []
+        x = None
+        for k, (t, x, x0) in enumerate(self.sample_iter(n, sampler, steps, eta, labels, guidance, clip_denoised,
+                                                        x_T, generator, progress, model)):
+            if trajectory_every and (k % trajectory_every == 0 or t == 0):
+                trajectory.append((t, x.cpu(), x0.cpu()))
+        x = x.clamp(-1, 1)
+        return (x, trajectory) if trajectory_every else x

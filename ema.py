@@ -1,0 +1,62 @@
+"""Exponential moving average of a model's weights (Polyak averaging, as DDPM samples with).
+
+    θ_ema ← d·θ_ema + (1 − d)·θ            after every optimiser step
+
+With warmup, the decay grows with the number of updates n (Tensorflow's ExponentialMovingAverage
+with num_updates): d_n = min(decay, (1 + n) / (10 + n)), so early weights, which are far from any
+good model, are forgotten quickly. Buffers (e.g. running statistics) are copied, not averaged.
+"""
+
+import torch
+
+
+class EMA:
+    def __init__(self, model, decay=0.9999, warmup=False):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                       for k, v in model.state_dict().items()}
+        self.param_names = {name for name, _ in model.named_parameters()}
+
+    def current_decay(self):
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model):
+        d = self.current_decay()
+        self.num_updates += 1
+        for name, value in model.state_dict().items():
+            shadow = self.shadow[name]
+            if name in self.param_names and value.is_floating_point():
+                shadow.lerp_(value.detach().float(), 1.0 - d)       # θ_ema += (1 − d)·(θ − θ_ema)
+            else:
+                shadow.copy_(value)                                   # buffers: copied
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        """Write the averaged weights into model (same architecture)."""
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def to(self, device):
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
+    def state_dict(self):
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state):
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state is missing {len(missing)} tensors (e.g. {sorted(missing)[:3]}); "
+                           "was it saved from a different architecture?")
+        self.decay = state["decay"]
+        self.warmup = state["warmup"]
+        self.num_updates = state["num_updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
