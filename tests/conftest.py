@@ -21,3 +21,45 @@ def data_dir():
     if not (path / "mnist_train.npz").exists():
         pytest.skip(f"offline datasets not found in {path}; set DDPM_DATA to the folder with mnist_train.npz")
     return path
+
+
+def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=20, objective="eps",
+                    dataset="mnist", class_names=None, seed=0):
+    """Write a tiny, randomly initialised checkpoint in the trainers' format and return its config.
+
+    The zero-initialised output layers are filled with small random values so that the output
+    depends on x_t, t and the label (a fresh model would predict exactly 0 everywhere).
+    """
+    import torch
+
+    from checkpoint import build_diffusion, save_checkpoint
+
+    if num_classes and class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    config = {
+        "dataset": dataset,
+        "model": {"in_channels": channels, "base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1,
+                  "attn_resolutions": [], "dropout": 0.0, "image_size": image_size, "num_classes": num_classes},
+        "diffusion": {"image_size": image_size, "channels": channels, "timesteps": timesteps,
+                      "schedule": "linear", "objective": objective, "variance": "beta_tilde", "cond_drop_prob": 0.1},
+        "data": {"name": dataset, "image_size": image_size, "channels": channels, "class_names": class_names},
+        "train": {},
+    }
+    torch.manual_seed(seed)
+    diffusion = build_diffusion(config)
+    with torch.no_grad():
+        for name, p in diffusion.model.named_parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.05)
+    save_checkpoint({"config": config, "ema_model": diffusion.model.state_dict(), "step": 0}, path)
+    return config
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: tiny_checkpoint(name="mnist_ema.pt", **make_checkpoint kwargs) -> path."""
+    def factory(name="tiny_ema.pt", **kwargs):
+        path = tmp_path / name
+        make_checkpoint(path, **kwargs)
+        return path
+    return factory
