@@ -54,7 +54,7 @@ def extract(buffer, t):
 
 
 def ddim_timesteps(timesteps, steps):
-    """`steps` indices spread evenly over [0, T−1], descending, always including T−1 and 0."""
+    """`steps` indices spread evenly over [0, T−1], descending; T−1 always, and 0 whenever steps ≥ 2."""
     return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
 
 

@@ -75,7 +75,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels, head_dim=64):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        self.heads = channels // head_dim if channels % head_dim == 0 else 1   # heads of head_dim channels
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))

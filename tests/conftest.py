@@ -63,3 +63,14 @@ def tiny_checkpoint(tmp_path):
         make_checkpoint(path, **kwargs)
         return path
     return factory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run faster on one thread, and a busy shared CPU cannot stall it at OpenMP barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
