@@ -15,6 +15,7 @@ config = {"dataset": str,
 import os
 import pickle
 import tempfile
+import zipfile
 
 import torch
 
@@ -68,6 +69,9 @@ def load_checkpoint(path, map_location="cpu"):
                               "(e.g. python train_mnist.py) or pass the right --ckpt")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as checkpoints/mnist_ema.pt")
+    if not zipfile.is_zipfile(path):          # torch.save writes a zip archive; nothing else is read
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save archive); nothing in it "
+                              "was loaded. Pass a file written by train_*.py, such as checkpoints/mnist_ema.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,0 +1,401 @@
+"""The Gradio demo: watch a trained DDPM denoise, live, in the browser.
+
+    python app.py                                   # every checkpoints/*_ema.pt, --device auto
+    python app.py --ckpt checkpoints/mnist_ema.pt   # only these (repeatable)
+    python app.py --port 7861 --host 0.0.0.0        # serve on the network; --share for a public link
+
+Pick a checkpoint, a sampler (DDIM by default, 50 steps), a seed and how many images; for a
+class-conditional model also the class and the classifier-free guidance weight w. The page shows
+x_t and the model's current guess x̂_0 side by side while the reverse chain runs, then the final
+grid, with the grid as a PNG to download. The page only lists the checkpoints it found: it never
+takes a file path. One run at a time; later clicks wait in a queue.
+
+Without a checkpoint the page says how to train one: python train_mnist.py (writes
+checkpoints/mnist_ema.pt). Everything is rebuilt from the config stored in the checkpoint.
+"""
+
+import argparse
+import atexit
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import gradio as gr
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling, pick_device
+from diffusion import ddim_timesteps
+
+# ----------------------------------------------------------------------------- defaults
+CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
+DEFAULT_SAMPLER = "DDIM"
+DEFAULT_STEPS = 50           # reverse steps (clipped to the checkpoint's T)
+DEFAULT_IMAGES = 16
+MAX_IMAGES = 64
+DEFAULT_GUIDANCE = 2.0       # CFG w: out = (1 + w)·out(y) − w·out(∅); 0 = plain conditional
+MAX_GUIDANCE = 20.0
+FRAMES = 25                  # live updates of x_t / x̂_0 per run, at most
+PADDING = 2                  # pixels between the images of a grid (torchvision's make_grid)
+DISPLAY_PX = 512             # grids are shown enlarged (nearest neighbour) to about this size
+MODEL_CACHE = 2              # models kept loaded
+QUEUE_SIZE = 16              # runs waiting beyond that are refused ("queue full")
+ALL_CLASSES = "all classes, in turn"
+SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm"}
+
+TRAIN_FIRST = """\
+### No checkpoint found
+
+This demo samples from a trained model, and none was found{where}. Train the MNIST one first,
+then start the demo again:
+
+```bash
+python train_mnist.py     # writes checkpoints/mnist_ema.pt
+python app.py
+```
+
+or point the demo at checkpoints elsewhere: `python app.py --ckpt path/to/model_ema.pt`.
+"""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def discover_checkpoints(ckpt_dir=CKPT_DIR, ckpts=None):
+    """The --ckpt files if any were given, else every <ckpt_dir>/*_ema.pt, sorted."""
+    if ckpts:
+        return [Path(p) for p in ckpts]
+    return sorted(Path(ckpt_dir).glob("*_ema.pt"))
+
+
+def describe_checkpoints(paths):
+    """paths -> ({display name: info dict}, [problem messages]). Unusable files become problems."""
+    infos, problems = {}, []
+    for path in paths:
+        try:
+            ckpt = load_checkpoint(path)
+            config = ckpt["config"]
+            params = sum(v.numel() for v in ema_weights(ckpt).values())
+            diffusion_cfg, model_cfg = config["diffusion"], config["model"]
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        except (KeyError, TypeError, AttributeError) as e:
+            problems.append(f"{path}: not a checkpoint of this repo (missing {e}); use a file written by train_*.py")
+            continue
+        name = path.stem if path.stem not in infos else str(path)
+        num_classes = model_cfg.get("num_classes")
+        class_names = (config.get("data") or {}).get("class_names")
+        if num_classes and (not class_names or len(class_names) != num_classes):
+            class_names = [str(i) for i in range(num_classes)]
+        infos[name] = {
+            "path": str(path), "config": config, "params": params, "step": ckpt.get("step"),
+            "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
+            "channels": diffusion_cfg["channels"], "num_classes": num_classes, "class_names": class_names,
+        }
+        del ckpt
+    return infos, problems
+
+
+class ModelCache:
+    """The last few loaded models, keyed by (path, device); loading is serialised by a lock."""
+
+    def __init__(self, size=MODEL_CACHE):
+        self.size, self.models, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, path, device):
+        key = (path, str(device))
+        with self.lock:
+            if key not in self.models:
+                try:
+                    self.models[key] = load_for_sampling(path, device)[0]
+                except CheckpointError as e:
+                    raise gr.Error(str(e)) from None
+                while len(self.models) > self.size:
+                    self.models.popitem(last=False)
+            self.models.move_to_end(key)
+            return self.models[key]
+
+
+# ----------------------------------------------------------------------------- images
+
+def to_grid(x, nrow=None):
+    """(n, C, H, W) in [−1, 1] (x_t may stray outside) -> grid (C', H', W') in [0, 1],
+    ⌈√n⌉ images a row, PADDING white pixels around each image."""
+    nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
+    return make_grid(((x.float().cpu().clamp(-1, 1) + 1) / 2), nrow=nrow, padding=PADDING, pad_value=1.0)
+
+
+def grid_shape(n, image_size, nrow=None):
+    """(height, width) in pixels of the grid that to_grid makes of n images."""
+    nrow = min(nrow or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / nrow)
+    return rows * (image_size + PADDING) + PADDING, nrow * (image_size + PADDING) + PADDING
+
+
+def display_scale(height, width):
+    """Integer factor that brings a grid to about DISPLAY_PX, for crisp pixels in the browser."""
+    return max(1, DISPLAY_PX // max(height, width))
+
+
+def to_display(grid):
+    """grid (3, H, W) in [0, 1] -> uint8 (sH, sW, 3), enlarged by display_scale (nearest neighbour)."""
+    s = display_scale(*grid.shape[1:])
+    big = grid.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    return (big * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_png(grid, channels, folder, stem):
+    """Save the grid at its true size (grayscale for 1-channel models) and return the path."""
+    array = (grid * 255).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if channels == 1 else array)
+    path = Path(tempfile.mkdtemp(dir=folder)) / f"{stem}.png"
+    image.save(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- the app
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class App:
+    """The state behind the page: the checkpoints, the model cache, the timing cache."""
+
+    def __init__(self, infos, device):
+        self.infos, self.device = infos, torch.device(device)
+        self.models = ModelCache()
+        self.call_seconds = {}      # (path, device, batch) -> seconds for one network call
+        self.out_dir = tempfile.mkdtemp(prefix="ddpm_app_")
+        atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_inputs(self, name, sampler, steps, seed, n, class_name, guidance):
+        """Validate on the server (the sliders' limits are only a hint to the browser).
+        Returns (info, sampler, steps, seed, n, class_name, guidance) or raises gr.Error."""
+        if name not in self.infos:
+            raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
+        info = self.infos[name]
+        if sampler not in SAMPLERS:
+            raise gr.Error(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+
+        def integer(value, what, low, high):
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value != int(value):
+                raise gr.Error(f"{what} must be a whole number, got {value!r}")
+            if not low <= value <= high:
+                raise gr.Error(f"{what} must be between {low} and {high}, got {int(value)}")
+            return int(value)
+
+        steps = integer(steps, f"steps (this model has T = {info['T']})", 1, info["T"])
+        n = integer(n, "number of images", 1, MAX_IMAGES)
+        seed = integer(seed, "seed", 0, 2**63 - 1)
+        if info["num_classes"]:
+            if class_name not in [ALL_CLASSES, *info["class_names"]]:
+                raise gr.Error(f"unknown class {class_name!r}; choose one of {[ALL_CLASSES, *info['class_names']]}")
+            if guidance is None or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+                raise gr.Error(f"guidance w must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
+            guidance = float(guidance)
+        else:
+            class_name, guidance = None, 0.0
+        return info, sampler, steps, seed, n, class_name, guidance
+
+    def labels(self, info, class_name, n):
+        """(n,) class labels, or None for an unconditional model."""
+        if not info["num_classes"]:
+            return None
+        if class_name == ALL_CLASSES:
+            return torch.arange(n) % info["num_classes"]
+        return torch.full((n,), info["class_names"].index(class_name))
+
+    def network_calls(self, info, sampler, steps):
+        """Reverse steps the sampler takes: DDPM with steps = T runs all of Algorithm 2."""
+        if sampler == "DDPM" and steps == info["T"]:
+            return info["T"]
+        return len(ddim_timesteps(info["T"], steps))
+
+    # ------------------------------------------------------------------ time estimate
+
+    def seconds_per_call(self, info, batch):
+        """Time one network call at this batch size (cached per checkpoint, device and batch)."""
+        key = (info["path"], str(self.device), batch)
+        if key not in self.call_seconds:
+            diffusion = self.models.get(info["path"], self.device)
+            shape = (batch, info["channels"], info["image_size"], info["image_size"])
+            x = torch.randn(shape, device=self.device)
+            t = torch.full((batch,), info["T"] - 1, device=self.device, dtype=torch.long)
+            labels = torch.zeros(batch, dtype=torch.long, device=self.device) if info["num_classes"] else None
+            with torch.no_grad():
+                diffusion.model(x, t, labels)                  # warm-up: the first call at a shape is slow
+                times = []
+                while len(times) < 3 and sum(times) < 1.0:     # best of three, unless slow anyway
+                    sync(self.device)
+                    start = time.perf_counter()
+                    diffusion.model(x, t, labels)
+                    sync(self.device)
+                    times.append(time.perf_counter() - start)
+            self.call_seconds[key] = min(times)
+        return self.call_seconds[key]
+
+    def estimate(self, name, sampler, steps, n, class_name, guidance):
+        """Markdown: how long a run with these settings will take."""
+        try:
+            info, sampler, steps, _, n, class_name, guidance = self.check_inputs(
+                name, sampler, steps, 0, n, class_name, guidance)
+        except gr.Error as e:
+            return f"⚠️ {e.message}"
+        batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
+        per_call = self.seconds_per_call(info, batch)
+        calls = self.network_calls(info, sampler, steps)
+        return (f"Estimated time: **≈ {calls * per_call:.1f} s** on {self.device.type} "
+                f"({calls} network calls × {1000 * per_call:.0f} ms at batch {batch}).")
+
+    # ------------------------------------------------------------------ model choice
+
+    def model_markdown(self, info):
+        cfg = info["config"]
+        kind = (f"class-conditional ({info['num_classes']} classes)" if info["num_classes"] else "unconditional")
+        step = f", trained {info['step']:,} steps" if info.get("step") else ""
+        diffusion_cfg = cfg["diffusion"]
+        return (f"**{cfg.get('dataset', '?')}** · {info['image_size']}×{info['image_size']}×{info['channels']} · "
+                f"{info['params'] / 1e6:.2f}M parameters{step} · {kind} · T = {info['T']}, "
+                f"{diffusion_cfg.get('schedule', 'linear')} schedule, predicts {diffusion_cfg.get('objective', 'eps')}")
+
+    def on_model_change(self, name, steps):
+        """Model picked -> its description, the steps limit (T), and the class/guidance inputs."""
+        if name not in self.infos:
+            raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
+        info = self.infos[name]
+        conditional = bool(info["num_classes"])
+        steps = min(int(steps or DEFAULT_STEPS), info["T"])
+        return (self.model_markdown(info),
+                gr.update(maximum=info["T"], value=steps),
+                gr.update(choices=[ALL_CLASSES, *(info["class_names"] or [])], value=ALL_CLASSES, visible=conditional),
+                gr.update(visible=conditional))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, name, sampler, steps, seed, n, class_name, guidance):
+        """Stream (x_t grid, x̂_0 grid, final grid, PNG path, status) while the reverse chain runs."""
+        info, sampler, steps, seed, n, class_name, guidance = self.check_inputs(
+            name, sampler, steps, seed, n, class_name, guidance)
+        yield None, None, None, None, "Loading the model…"
+        diffusion = self.models.get(info["path"], self.device)
+        total = self.network_calls(info, sampler, steps)
+        every = max(1, math.ceil(total / FRAMES))
+        labels = self.labels(info, class_name, n)
+        if labels is not None:
+            labels = labels.to(self.device)
+        generator = torch.Generator("cpu").manual_seed(seed)    # same images on every device
+        start = time.perf_counter()
+        x = None
+        for k, (t, x, x0) in enumerate(diffusion.sample_iter(
+                n, sampler=SAMPLERS[sampler], steps=steps, labels=labels, guidance=guidance,
+                generator=generator, progress=False)):
+            if (k + 1) % every == 0 and k + 1 < total:
+                elapsed = time.perf_counter() - start
+                left = elapsed / (k + 1) * (total - k - 1)
+                yield (to_display(to_grid(x)), to_display(to_grid(x0)), None, None,
+                       f"Step {k + 1}/{total} (t = {t}) · {elapsed:.1f} s, about {left:.1f} s left")
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        grid = to_grid(x)
+        what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance:g}" if info["num_classes"] else "")
+        png = save_png(grid, info["channels"], self.out_dir, f"{name}_{what}")
+        shown = to_display(grid)
+        yield (shown, to_display(to_grid(x0)), shown, png,
+               f"Done: {n} images, {sampler} {steps} steps, seed {seed}, in {seconds:.1f} s.")
+
+
+def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
+    """The page for these checkpoints (queue set up); without a usable one, the training hint."""
+    infos, problems = describe_checkpoints([Path(p) for p in ckpt_paths])
+    warning = "".join(f"\n> ⚠️ {p}\n" for p in problems)
+    with gr.Blocks(title="DDPM: live generation", analytics_enabled=False) as demo:
+        gr.Markdown("# Denoising diffusion, live\nThe reverse chain from noise x_T to an image x_0: "
+                    "each step the network predicts the noise ε, hence a guess x̂_0 of the final image.")
+        if not infos:
+            where = f" (no *_ema.pt in {ckpt_dir}/)" if not ckpt_paths else ""
+            gr.Markdown(TRAIN_FIRST.format(where=where) + warning, elem_id="no-checkpoint")
+            return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+
+        app = App(infos, device)
+        first = next(iter(infos.values()))
+        conditional = bool(first["num_classes"])
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                model = gr.Dropdown(list(infos), value=next(iter(infos)), label="Model")
+                about = gr.Markdown(app.model_markdown(first))
+                if warning:
+                    gr.Markdown(warning)
+                sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
+                                   info="DDIM (η = 0): deterministic, few steps; DDPM: ancestral, Algorithm 2")
+                steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=min(DEFAULT_STEPS, first["T"]),
+                                  step=1, label="Steps", info="reverse steps, at most T")
+                n = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Images")
+                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                class_name = gr.Dropdown([ALL_CLASSES, *(first["class_names"] or [])], value=ALL_CLASSES,
+                                         label="Class", visible=conditional, allow_custom_value=True)
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, visible=conditional,
+                                     label="Guidance w", info="classifier-free guidance; 0 = none")
+                estimate = gr.Markdown(elem_id="estimate")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Press Generate.", elem_id="status")
+                with gr.Row():
+                    xt = gr.Image(label="x_t (current sample)", format="png", interactive=False, elem_id="xt")
+                    x0 = gr.Image(label="x̂_0 (the model's current guess)", format="png", interactive=False,
+                                  elem_id="x0")
+                final = gr.Image(label="Result", format="png", interactive=False, elem_id="final")
+                download = gr.DownloadButton("Download PNG", elem_id="download")
+
+        settings = [model, sampler, steps, n, class_name, guidance]
+        shared = dict(concurrency_limit=1, concurrency_id="model")   # timing and sampling take turns
+        on_model = dict(fn=app.on_model_change, inputs=[model, steps], outputs=[about, steps, class_name, guidance])
+        demo.load(**on_model, api_name="model_info").then(app.estimate, settings, estimate, api_name="estimate",
+                                                            **shared)
+        model.change(**on_model, api_name=False).then(app.estimate, settings, estimate, api_name=False, **shared)
+        for event in (sampler.change, class_name.change, steps.release, n.release, guidance.release):
+            event(app.estimate, settings, estimate, trigger_mode="always_last", api_name=False, **shared)
+        button.click(app.generate, [model, sampler, steps, seed, n, class_name, guidance],
+                     [xt, x0, final, download, status], api_name="generate", **shared)
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", metavar="PATH",
+                        help="an EMA checkpoint to offer (repeatable); without it, every *_ema.pt in --ckpt-dir")
+    parser.add_argument("--ckpt-dir", default=CKPT_DIR,
+                        help="folder searched for *_ema.pt without --ckpt (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default: %(default)s, this machine only); 0.0.0.0 for the network")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = pick_device(args.device)
+    paths = discover_checkpoints(args.ckpt_dir, args.ckpt)
+    print(f"app.py: device {device}, threads {torch.get_num_threads()}, http://{args.host}:{args.port}, checkpoints "
+          f"{[str(p) for p in paths] or f'none in {args.ckpt_dir}/ (the page explains how to train one)'}")
+    demo = build_demo(paths, device, ckpt_dir=args.ckpt_dir)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

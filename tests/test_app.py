@@ -1,0 +1,126 @@
+"""The Gradio demo, driven through its API with gradio_client: the page serves grids of the right
+size and count, streams the reverse chain, and refuses inputs outside its limits."""
+
+import socket
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+import app
+from conftest import make_checkpoint
+
+T = 20          # the tiny checkpoints' timesteps
+SIZE = 8        # and image size
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The demo with an unconditional and a class-conditional tiny checkpoint, on localhost."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    make_checkpoint(folder / "uncond_ema.pt", timesteps=T, image_size=SIZE)
+    make_checkpoint(folder / "cond_ema.pt", timesteps=T, image_size=SIZE, num_classes=3,
+                    class_names=["zero", "one", "two"])
+    demo = app.build_demo(app.discover_checkpoints(folder), "cpu")
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield demo, Client(url, verbose=False)
+    demo.close()
+
+
+def test_checkpoints_are_discovered_by_name(tmp_path):
+    for name in ("mnist_ema.pt", "mnist.pt", "notes.txt"):
+        (tmp_path / name).touch()
+    assert [p.name for p in app.discover_checkpoints(tmp_path)] == ["mnist_ema.pt"]
+    assert app.discover_checkpoints(tmp_path, ["a_ema.pt", "b.pt"]) == [app.Path("a_ema.pt"), app.Path("b.pt")]
+
+
+@pytest.mark.parametrize("n, rows, cols", [(1, 1, 1), (7, 3, 3), (16, 4, 4), (64, 8, 8)])
+def test_grid_is_ceil_sqrt_n_wide_with_padding(n, rows, cols):
+    assert app.grid_shape(n, 28) == (rows * 30 + 2, cols * 30 + 2)
+
+
+@pytest.mark.parametrize("name, n, extra", [("uncond_ema", 5, ("ignored", 3.0)), ("cond_ema", 10, ("one", 2.0)),
+                                             ("cond_ema", 4, (app.ALL_CLASSES, 0.0))])
+def test_generate_streams_then_returns_a_grid_of_n_images(server, name, n, extra):
+    _, client = server
+    job = client.submit(name, "DDIM", 10, 0, n, *extra, api_name="/generate")
+    xt, x0, final, png, status = job.result(timeout=60)
+    assert len(job.outputs()) > 3                               # "loading", live frames, the result
+    height, width = app.grid_shape(n, SIZE)
+    with Image.open(png) as grid:                               # the download: the grid at true size
+        assert grid.size == (width, height) and grid.mode == "L"
+    s = app.display_scale(height, width)
+    for path in (xt, x0, final):                                # shown enlarged, by a whole factor
+        with Image.open(path) as shown:
+            assert shown.size == (s * width, s * height)
+    assert f"{n} images" in status
+
+
+def test_same_seed_same_images_ddpm_too(server):
+    _, client = server
+    first = client.predict("uncond_ema", "DDPM", 5, 3, 4, None, 0, api_name="/generate")[3]
+    again = client.predict("uncond_ema", "DDPM", 5, 3, 4, None, 0, api_name="/generate")[3]
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("steps, n", [(T + 1, 4), (0, 4), (10, 65), (10, 0)])
+def test_out_of_range_inputs_are_refused(server, steps, n):
+    _, client = server
+    with pytest.raises(Exception):
+        client.predict("uncond_ema", "DDIM", steps, 0, n, None, 0, api_name="/generate")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("uncond_ema", "DDIM", T + 1, 0, 4, None, 0), "steps"),
+    (("uncond_ema", "DDIM", 2.5, 0, 4, None, 0), "whole number"),
+    (("uncond_ema", "DDIM", 10, 0, 65, None, 0), "number of images"),
+    (("uncond_ema", "DDIM", 10, 0, 0, None, 0), "number of images"),
+    (("uncond_ema", "DDIM", 10, -1, 4, None, 0), "seed"),
+    (("uncond_ema", "Euler", 10, 0, 4, None, 0), "sampler"),
+    (("../../etc/passwd", "DDIM", 10, 0, 4, None, 0), "unknown model"),
+    (("cond_ema", "DDIM", 10, 0, 4, "three", 1.0), "unknown class"),
+    (("cond_ema", "DDIM", 10, 0, 4, "one", 21.0), "guidance"),
+])
+def test_server_side_checks_refuse_what_the_sliders_would(server, args, message):
+    demo, _ = server
+    generate = next(fn.fn for fn in demo.fns.values() if fn.api_name == "generate")
+    with pytest.raises(gr.Error, match=message):
+        next(generate(*args))
+
+
+def test_estimate_and_model_switch(server):
+    _, client = server
+    assert "Estimated time" in client.predict("cond_ema", "DDIM", 10, 16, "one", 2.0, api_name="/estimate")
+    about, steps, classes, _ = client.predict("cond_ema", 15, api_name="/model_info")
+    assert "3 classes" in about and "T = 20" in about
+
+
+def test_without_checkpoints_the_page_says_how_to_train_one(tmp_path):
+    demo = app.build_demo(app.discover_checkpoints(tmp_path), "cpu")
+    text = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    assert "python train_mnist.py" in text and "checkpoints/mnist_ema.pt" in text
+    broken = tmp_path / "broken_ema.pt"
+    broken.write_text("not a checkpoint")
+    demo = app.build_demo([broken], "cpu")
+    text = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    assert "python train_mnist.py" in text and "broken_ema.pt" in text
+
+
+def test_page_without_checkpoints_is_served(tmp_path):
+    import urllib.request
+
+    demo = app.build_demo([], "cpu")
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        with urllib.request.urlopen(url + "config", timeout=10) as r:
+            assert b"python train_mnist.py" in r.read()
+    finally:
+        demo.close()
