@@ -1,0 +1,253 @@
+"""Sample a trained checkpoint: a grid PNG, single PNGs, an .npz for FID, a GIF of the denoising.
+
+    python generate.py --ckpt checkpoints/mnist_ema.pt                      # DDPM, all T steps, 64 images
+    python generate.py --ckpt checkpoints/mnist_ema.pt --sampler ddim --steps 50 --gif samples/mnist.gif
+    python generate.py --ckpt checkpoints/cifar10_ema.pt --class cat --guidance 2 --n 16
+    python generate.py --ckpt checkpoints/cifar10_ema.pt --sampler ddim --steps 100 --n 50000 \\
+        --batch-size 500 --npz samples/cifar10_50k.npz --no-grid             # for fid.py
+
+Everything about the model (architecture, image size, channels, schedule, objective, class names)
+comes from the config stored in the checkpoint; the flags only choose how to sample. The same
+--seed gives the same images on every device: the noise comes from a CPU torch.Generator
+(for the same --n and --batch-size). A conditional model without --class samples the classes
+in turn (image i has class i mod K), so a grid with K columns shows one class per column.
+
+The helpers (to_uint8, make_grid, save_grid / save_pngs / save_npz / save_gif, sample_images)
+are shared with generate_cifar.py, fid.py and app.py.
+"""
+
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from checkpoint import CheckpointError, load_for_sampling, pick_device
+from diffusion import SAMPLERS
+
+
+# ----------------------------------------------------------------------------- images out
+
+def to_uint8(x):
+    """(N, C, H, W) float in [−1, 1] -> (N, H, W, C) uint8 numpy array, the inverse of x/127.5 − 1."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images, ncol=None, padding=2, pad_value=255):
+    """(N, H, W, C) uint8 -> one (rows·(H+p)+p, ncol·(W+p)+p, C) uint8 image, filled row by row."""
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = img
+    return grid
+
+
+def to_pil(array):
+    """(H, W, C) uint8 with C = 1 or 3 -> PIL image ("L" or "RGB")."""
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def _parent(path):
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+
+
+def save_grid(images, path, ncol=None):
+    _parent(path)
+    to_pil(make_grid(images, ncol)).save(path)
+
+
+def save_pngs(images, folder):
+    """One PNG per image: folder/00000.png, 00001.png, …"""
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(images):
+        to_pil(img).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def save_npz(images, path, **meta):
+    """uint8 (N, H, W, C) under key "images", plus plain metadata (sampler, steps, …) that fid.py prints.
+    Only arrays of numbers and strings: np.load(path) reads it without pickle."""
+    _parent(path)
+    extra = {k: np.asarray("" if v is None else v) for k, v in meta.items()}
+    np.savez(path, images=images, **extra)
+
+
+def save_gif(trajectory, path, ncol=None, max_images=64, frame_ms=60, hold_ms=1500):
+    """Animate a sample(..., trajectory_every=k) trajectory: x_t on the left, x̂_0 on the right.
+
+    trajectory: list of (t, x_t, x̂_0), each (N, C, H, W) on the CPU. x_t is clamped to [−1, 1]
+    for display (early x_t are mostly noise with values beyond that range).
+    """
+    if ncol:
+        max_images = max(ncol, max_images // ncol * ncol)                   # whole rows only
+    frames = []
+    for t, xt, x0 in trajectory:
+        left = make_grid(to_uint8(xt[:max_images]), ncol)
+        right = make_grid(to_uint8(x0[:max_images]), ncol)
+        h, w, c = left.shape
+        header = 14
+        canvas = np.full((h + header, 2 * w + 8, c), 255, np.uint8)
+        canvas[header:, :w] = left
+        canvas[header:, w + 8:] = right
+        frame = to_pil(canvas).convert("RGB")
+        draw = ImageDraw.Draw(frame)
+        draw.text((2, 1), f"x_t  t={t + 1}", fill=(0, 0, 0))            # paper's step t+1 (t is 0-based)
+        draw.text((w + 10, 1), "predicted x_0", fill=(0, 0, 0))
+        frames.append(frame)
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    _parent(path)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def sample_images(diffusion, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
+                  batch_size=256, seed=0, progress=True, trajectory_every=None):
+    """Draw n images batch by batch -> (N, H, W, C) uint8 numpy (and the first batch's trajectory
+    if trajectory_every is set). labels: (n,) int tensor or None. All noise comes from one CPU
+    generator seeded with `seed`, so the images do not depend on the device."""
+    generator = torch.Generator().manual_seed(seed)
+    device = diffusion.betas.device
+    images, trajectory = [], None
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        y = labels[start:start + b].to(device) if labels is not None else None
+        if trajectory_every and trajectory is None:
+            x, trajectory = diffusion.sample(b, sampler, steps, eta, y, guidance, generator=generator,
+                                             progress=progress, trajectory_every=trajectory_every)
+        else:
+            x = diffusion.sample(b, sampler, steps, eta, y, guidance, generator=generator, progress=progress)
+        images.append(to_uint8(x))
+        if progress and n > batch_size:
+            print(f"  {start + b}/{n} images")
+    images = np.concatenate(images)
+    return (images, trajectory) if trajectory_every else images
+
+
+def resolve_class(value, config):
+    """--class as a name ("cat") or an index ("3") -> int, or SystemExit listing the choices."""
+    num_classes = config["model"].get("num_classes")
+    names = config.get("data", {}).get("class_names") or [str(i) for i in range(num_classes)]
+    if value in names:
+        return names.index(value)
+    if value.lstrip("-").isdigit() and 0 <= int(value) < num_classes:
+        return int(value)
+    raise SystemExit(f"error: unknown class {value!r}; this model knows {num_classes} classes: "
+                     + ", ".join(f"{i}={name}" for i, name in enumerate(names)))
+
+
+def open_checkpoint(path, device):
+    """load_for_sampling, with every CheckpointError turned into a one-line exit message."""
+    try:
+        return load_for_sampling(path, device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def resolve_sampling(args, diffusion, config):
+    """Check the sampling flags against the model -> (steps, labels tensor or None, class index or None).
+    Every refusal is a SystemExit with a message, never a traceback."""
+    T = diffusion.num_timesteps
+    steps = args.steps if args.steps is not None else (T if args.sampler == "ddpm" else min(50, T))
+    if not 1 <= steps <= T:
+        raise SystemExit(f"error: --steps {steps} is out of range: this checkpoint has T = {T} diffusion "
+                         f"steps, so use 1 … {T}")
+    num_classes = config["model"].get("num_classes")
+    if num_classes is None:
+        if args.class_ is not None or args.guidance:
+            flags = " and ".join(f for f, v in (("--class", args.class_ is not None), ("--guidance", args.guidance)) if v)
+            raise SystemExit(f"error: {flags}: only for class-conditional models, but this checkpoint is "
+                             "unconditional (config model.num_classes is None); drop the flag(s)")
+        return steps, None, None
+    if args.class_ is not None:
+        c = resolve_class(args.class_, config)
+        return steps, torch.full((args.n,), c, dtype=torch.long), c
+    return steps, torch.arange(args.n) % num_classes, None                    # the classes in turn
+
+
+def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm: Algorithm 2 (ancestral); ddim: Song et al. eq. 12 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse steps, 1 … T (default: all T for ddpm, 50 for ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
+    p.add_argument("--n", type=int, default=n, help="number of images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: 0)")
+    p.add_argument("--class", dest="class_", metavar="CLASS", default=None,
+                   help="conditional models: a class name or index for every image (default: classes in turn)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w: (1+w)·cond − w·uncond (default: 0)")
+    p.add_argument("--grid", default=None, help="grid PNG (default: samples/<dataset>_<sampler><steps>.png)")
+    p.add_argument("--no-grid", action="store_true", help="do not write a grid")
+    p.add_argument("--ncol", type=int, default=None, help="grid columns (default: K classes, else √n)")
+    p.add_argument("--out", default=None, help="folder for one PNG per image (00000.png, …)")
+    p.add_argument("--npz", default=None, help=".npz with uint8 images N×H×W×C under key 'images' (for fid.py)")
+    p.add_argument("--gif", default=None, help="animated GIF of the first batch's trajectory (x_t | x̂_0)")
+    p.add_argument("--gif-frames", type=int, default=50, help="about this many GIF frames (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    return p
+
+
+def run(args):
+    """Sample as the parsed flags say -> (images uint8 N×H×W×C, labels or None, resolved settings, config)."""
+    if args.n < 1 or args.batch_size < 1:
+        raise SystemExit("error: --n and --batch-size must be at least 1")
+    device = pick_device(args.device)
+    diffusion, config = open_checkpoint(args.ckpt, device)
+    steps, labels, _ = resolve_sampling(args, diffusion, config)
+    dataset = config.get("dataset", "model")
+    names = config.get("data", {}).get("class_names")
+    label_desc = "unconditional"
+    if labels is not None:
+        label_desc = (f"class {names[labels[0]] if names else int(labels[0])} for all" if args.class_ is not None
+                      else "classes in turn (i mod K)")
+    resolved = {"ckpt": args.ckpt, "dataset": dataset, "image": f"{diffusion.image_size}×{diffusion.image_size}×{diffusion.channels}",
+                "T": diffusion.num_timesteps, "schedule": diffusion.schedule, "objective": diffusion.objective,
+                "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
+                "labels": label_desc, "guidance": args.guidance if labels is not None else None,
+                "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device)}
+    print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
+
+    trajectory_every = max(1, steps // args.gif_frames) if args.gif else None
+    out = sample_images(diffusion, args.n, args.sampler, steps, args.eta, labels, args.guidance,
+                        args.batch_size, args.seed, trajectory_every=trajectory_every)
+    images, trajectory = out if trajectory_every else (out, None)
+
+    num_classes = config["model"].get("num_classes")
+    ncol = args.ncol or (num_classes if labels is not None and args.class_ is None and args.n >= num_classes else None)
+    if not args.no_grid:
+        grid = args.grid or os.path.join("samples", f"{dataset}_{args.sampler}{steps}.png")
+        save_grid(images[:256], grid, ncol)
+        print(f"wrote grid {grid} ({min(args.n, 256)} images)")
+    if args.out:
+        save_pngs(images, args.out)
+        print(f"wrote {len(images)} PNGs to {args.out}/")
+    if args.npz:
+        save_npz(images, args.npz, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64),
+                 dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta, guidance=args.guidance,
+                 seed=args.seed, ckpt=os.path.basename(args.ckpt))
+        print(f"wrote {args.npz}: images {images.shape} uint8")
+    if args.gif:
+        save_gif(trajectory, args.gif, ncol)
+        print(f"wrote {args.gif} ({len(trajectory)} frames)")
+    return images, labels, resolved, config
+
+
+def main(argv=None):
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""fid.py: the Fréchet distance and KID as formulas, the Inception pipeline end to end (stand-in
+weights), and the proxy network (tiny training runs on real MNIST and on unlabelled images)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import fid
+
+
+
+def random_features(n, d, seed, shift=0.0):
+    """n draws of one correlated Gaussian in d dimensions (the same for every seed), shifted by `shift`."""
+    mixing = np.random.RandomState(1234).randn(d, d) / np.sqrt(d)
+    return np.random.RandomState(seed).randn(n, d) @ mixing + shift
+
+
+# ----------------------------------------------------------------------------- the distances
+
+def test_frechet_distance_equals_the_formula_computed_with_scipy():
+    f1, f2 = random_features(500, 16, 0), random_features(400, 16, 1, shift=0.3)
+    mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert np.allclose(fid.feature_stats(f1)[0], mu1) and np.allclose(fid.feature_stats(f1)[1], s1)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-9)
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_mean_gap_plus_sqrt_variance_gap():
+    # Σ₁, Σ₂ diagonal: d² = ‖μ₁ − μ₂‖² + Σ_i (√a_i − √b_i)²
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 1 + 0 + 4 + (1 - 3) ** 2 + (2 - 1) ** 2 + 0
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_identical_sets_score_zero_and_shifted_sets_score_higher():
+    f = random_features(300, 8, 2)
+    mu, sigma = fid.feature_stats(f)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    scores = [fid.frechet_distance(mu, sigma, *fid.feature_stats(f + s)) for s in (0.1, 0.5, 1.0)]
+    assert scores == sorted(scores) and scores[0] > 0
+    assert scores[-1] == pytest.approx(8 * 1.0 ** 2, rel=1e-6)          # a pure shift: d² = ‖shift‖²
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    f1, f2 = random_features(400, 8, 3), random_features(400, 8, 4)
+    same, _ = fid.kernel_distance(f1, f2, subsets=10, subset_size=200)
+    shifted, _ = fid.kernel_distance(f1, f2 + 1.0, subsets=10, subset_size=200)
+    assert abs(same) < 0.05 and shifted > 10 * abs(same) and shifted > 0.1
+
+
+def test_confidence_and_coverage():
+    even = np.eye(4)[np.arange(100) % 4] * 0.97 + 0.01                   # confident, all 4 classes evenly
+    one = np.tile([0.5, 0.2, 0.2, 0.1], (100, 1))                         # unsure, always class 0
+    assert fid.confident_share(even) == 1.0 and fid.class_coverage(even) == pytest.approx(1.0)
+    assert fid.confident_share(one) == 0.0 and fid.class_coverage(one) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- Inception, end to end
+
+@pytest.fixture
+def stand_in_inception(tmp_path_factory, monkeypatch):
+    """A state dict of torch-fidelity's FeatureExtractorInceptionV3 with random values (right shapes)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    path = tmp_path_factory.mktemp("inception") / "stand_in.pth"
+    with monkeypatch.context() as m:                # build the network without its (unavailable) weights
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("stand-in", ["2048"])
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def tiny_npz(path, n, seed, channels=3, size=16):
+    rng = np.random.RandomState(seed)
+    np.savez(path, images=rng.randint(0, 256, (n, size, size, channels), dtype=np.uint8))
+    return path
+
+
+def test_inception_fid_runs_end_to_end_with_stand_in_weights(stand_in_inception, tmp_path, capsys, monkeypatch):
+    # scipy's sqrtm of a 2048×2048 matrix takes minutes on a busy 2-core CPU: here the distance is
+    # taken over the first 32 features (frechet_distance itself is tested above); all else is real.
+    real_frechet_distance, seen = fid.frechet_distance, []
+
+    def frechet_distance_on_32_features(mu1, sigma1, mu2, sigma2):
+        seen.append((mu1.shape, sigma1.shape, mu2.shape, sigma2.shape))
+        return real_frechet_distance(mu1[:32], sigma1[:32, :32], mu2[:32], sigma2[:32, :32])
+    monkeypatch.setattr(fid, "frechet_distance", frechet_distance_on_32_features)
+    samples, reference = tiny_npz(tmp_path / "s.npz", 4, 0, channels=1), tiny_npz(tmp_path / "r.npz", 4, 1)
+    argv = ["--samples", str(samples), "--dataset", str(reference), "--inception-weights", str(stand_in_inception),
+            "--ckpt-dir", str(tmp_path / "ck"), "--kid-subsets", "2", "--kid-subset-size", "4", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="NON-standard"):
+        result = fid.main(argv)
+    out = capsys.readouterr().out
+    assert seen == [((2048,), (2048, 2048), (2048,), (2048, 2048))]
+    assert np.isfinite(result["fid"]) and np.isfinite(result["kid"])
+    assert "not FID" in out and "n=4, sampler=unknown, steps=unknown" in out
+    cached = list((tmp_path / "ck" / "fid_stats").glob("r_train_16px_inception-*.npz"))
+    assert len(cached) == 1
+    with np.load(cached[0]) as d:
+        assert d["mu"].shape == (2048,) and d["sigma"].shape == (2048, 2048) and d["features"].shape == (4, 2048)
+
+
+def test_missing_inception_weights_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(fid.FIDError, match="--proxy"):
+        fid.Inception(tmp_path / "nope.pth")
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    samples = tiny_npz(tmp_path / "s.npz", 4, 0)
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--samples", str(samples), "--dataset", "mnist", "--ckpt-dir", str(tmp_path / "ck")])
+    assert "--inception-weights" in str(e.value) and "--proxy" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the proxy network
+
+TINY_TRAIN = {"limit": 300, "max_iters": 25, "batch_size": 64}
+
+
+@pytest.fixture
+def mnist_proxy(data_dir, tmp_path):
+    path = fid.train_proxy("mnist", data_dir, tmp_path, **TINY_TRAIN)
+    return fid.Proxy(path)
+
+
+def test_proxy_features_real_vs_real_small_real_vs_noise_large(mnist_proxy, data_dir):
+    real, labels, _ = fid.load_reference("mnist", data_dir, split="test", limit=600)
+    a, b = real[0::2], real[1::2]
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fa, pa = mnist_proxy.features(a)
+    fb, _ = mnist_proxy.features(b)
+    fn, pn = mnist_proxy.features(noise)
+    real_real = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fb))
+    real_noise = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fn))
+    assert fa.shape == (300, 128) and pa.shape == (300, 10)
+    assert real_noise > 10 * real_real
+    for probs in (pa, pn):
+        assert 0 <= fid.confident_share(probs) <= 1 and 0 <= fid.class_coverage(probs) <= 1
+    assert mnist_proxy.config["task"] == "classes" and 0 <= mnist_proxy.config["test_accuracy"] <= 1
+
+
+def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
+    from checkpoint import load_for_sampling
+    diffusion, config = load_for_sampling(tiny_checkpoint(num_classes=10, class_names=[str(i) for i in range(10)]))
+    ckpt_dir = tmp_path / "ck"
+    m = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+                          ref_limit=400, proxy_train_kwargs=TINY_TRAIN)
+    assert "training proxy classifier for mnist" in capsys.readouterr().out
+    assert (ckpt_dir / "proxy_mnist.pt").exists() and list((ckpt_dir / "fid_stats").glob("mnist_train_8px_400_*.npz"))
+    assert set(m) == {"proxy_fid", "confident", "coverage", "n", "sampler", "steps"}
+    assert m["proxy_fid"] > 0 and 0 <= m["confident"] <= 1 and 0 <= m["coverage"] <= 1
+    assert (m["n"], m["sampler"], m["steps"]) == (40, "ddim", 3)
+    again = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+                              ref_limit=400)
+    assert again == m                                        # seeded noise, cached proxy and statistics
+    assert "training" not in capsys.readouterr().out
+
+
+def test_unlabelled_data_gets_a_rotation_proxy_without_confidence(tmp_path):
+    # smooth blobs, so that a rotation is visible (pure noise would look the same turned)
+    yy, xx = np.mgrid[0:16, 0:16]
+    rng = np.random.RandomState(0)
+    images = np.stack([np.clip(255 * np.exp(-((xx - cx) ** 2 + (yy - 3 - cy) ** 2) / 8.0), 0, 255)
+                       for cx, cy in rng.randint(3, 12, (120, 2))]).astype(np.uint8)[..., None].repeat(3, -1)
+    dataset = str(tmp_path / "blobs.npz")
+    np.savez(dataset, images=images)
+    path = fid.train_proxy(dataset, ckpt_dir=tmp_path, max_iters=5, batch_size=32)
+    proxy = fid.Proxy(path)
+    feats, probs = proxy.features(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert proxy.config["task"] == "rotation" and "rotation" in proxy.description
+    assert feats.shape == (120, 128) and probs is None
+
+
+def test_cli_proxy_scores_an_npz_of_samples(mnist_proxy, data_dir, tmp_path, capsys):
+    real, _, _ = fid.load_reference("mnist", data_dir, split="test", limit=50)
+    samples = tmp_path / "s.npz"
+    np.savez(samples, images=real.permute(0, 2, 3, 1).numpy(), sampler=np.asarray("ddim"), steps=np.asarray(50))
+    ckpt_dir = mnist_proxy.path.rsplit("/", 1)[0]
+    result = fid.main(["--samples", str(samples), "--dataset", "mnist", "--split", "test", "--ref-limit", "500", "--proxy",
+                       "--ckpt-dir", ckpt_dir, "--kid-subset-size", "50", "--kid-subsets", "2", "--device", "cpu",
+                       "--data-dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert "proxy FID (not comparable with papers)" in out and "n=50, sampler=ddim, steps=50" in out
+    assert 0 <= result["confident"] <= 1 and 0 <= result["coverage"] <= 1

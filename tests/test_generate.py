@@ -1,0 +1,179 @@
+"""generate.py / generate_cifar.py: same seed, same images; every refusal says why; every output lands.
+
+All runs go through main(argv) in-process, on tiny random checkpoints (8×8, T = 20) from conftest.
+"""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate
+import generate_cifar
+
+
+
+def run(ckpt, tmp_path, *flags):
+    """generate.main with the grid in tmp_path; returns the (N, H, W, C) uint8 images."""
+    images, _, _, _ = generate.run(generate.build_parser().parse_args(
+        ["--ckpt", str(ckpt), "--grid", str(tmp_path / "grid.png"), "--device", "cpu", *flags]))
+    return images
+
+
+def refusal(argv):
+    """main(argv) must exit with a message (SystemExit carrying text), not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        generate.main(argv)
+    return str(e.value)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+def test_same_seed_same_images_other_seed_other_images(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint()
+    a = run(ckpt, tmp_path, "--n", "3", "--seed", "7", "--sampler", "ddpm")       # all T = 20 steps, noise at each
+    b = run(ckpt, tmp_path, "--n", "3", "--seed", "7", "--sampler", "ddpm")
+    c = run(ckpt, tmp_path, "--n", "3", "--seed", "8", "--sampler", "ddpm")
+    assert a.shape == (3, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_ddim_eta0_is_deterministic_and_uses_the_requested_steps(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tiny_checkpoint()
+    a = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "5")
+    b = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "5")
+    assert np.array_equal(a, b)
+    assert "steps=5" in capsys.readouterr().out
+
+
+def test_conditional_class_by_name_or_index_and_guidance(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(num_classes=3, class_names=["cat", "dog", "owl"], channels=3)
+    by_name = run(ckpt, tmp_path, "--n", "2", "--steps", "4", "--sampler", "ddim", "--class", "dog", "--guidance", "2")
+    by_index = run(ckpt, tmp_path, "--n", "2", "--steps", "4", "--sampler", "ddim", "--class", "1", "--guidance", "2")
+    other = run(ckpt, tmp_path, "--n", "2", "--steps", "4", "--sampler", "ddim", "--class", "owl", "--guidance", "2")
+    assert by_name.shape == (2, 8, 8, 3)
+    assert np.array_equal(by_name, by_index)
+    assert not np.array_equal(by_name, other)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_refuses_a_missing_file(tmp_path):
+    msg = refusal(["--ckpt", str(tmp_path / "nope.pt")])
+    assert "does not exist" in msg
+
+
+@pytest.mark.parametrize("kind", ["text", "list"])
+def test_refuses_a_file_that_is_not_a_checkpoint(tmp_path, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+    else:
+        torch.save([1, 2, 3], path)
+    msg = refusal(["--ckpt", str(path)])
+    assert "not a" in msg and "checkpoint" in msg
+
+
+class Hostile:
+    """Unpickling this object creates `marker` (a stand-in for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_refuses_a_checkpoint_with_pickled_code_without_running_it(tiny_checkpoint, tmp_path):
+    # the payload is live: a plain (unsafe) load does create its marker
+    probe = tmp_path / "probe.pt"
+    torch.save({"x": Hostile(tmp_path / "probe_marker")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe_marker").exists()
+
+    ckpt = torch.load(tiny_checkpoint(), weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["extra"] = Hostile(marker)
+    path = tmp_path / "hostile.pt"
+    torch.save(ckpt, path)
+    msg = refusal(["--ckpt", str(path)])
+    assert "refusing" in msg and "pickled" in msg
+    assert not marker.exists()
+
+
+def test_refuses_an_unknown_class(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(num_classes=3, class_names=["cat", "dog", "owl"])
+    msg = refusal(["--ckpt", str(ckpt), "--class", "zebra", "--grid", str(tmp_path / "g.png")])
+    assert "unknown class 'zebra'" in msg and "dog" in msg
+    assert "unknown class" in refusal(["--ckpt", str(ckpt), "--class", "3"])
+
+
+@pytest.mark.parametrize("steps", ["0", "21"])
+def test_refuses_steps_out_of_range(tiny_checkpoint, steps):
+    msg = refusal(["--ckpt", str(tiny_checkpoint()), "--steps", steps])
+    assert "out of range" in msg and "1 … 20" in msg
+
+
+@pytest.mark.parametrize("flag", [["--class", "1"], ["--guidance", "2"]])
+def test_refuses_conditional_flags_on_an_unconditional_model(tiny_checkpoint, flag):
+    msg = refusal(["--ckpt", str(tiny_checkpoint()), *flag])
+    assert "unconditional" in msg and flag[0] in msg
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_writes_grid_pngs_npz_and_gif(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint()
+    out, npz, gif, grid = tmp_path / "pngs", tmp_path / "s.npz", tmp_path / "traj.gif", tmp_path / "grid.png"
+    generate.main(["--ckpt", str(ckpt), "--n", "5", "--batch-size", "3", "--sampler", "ddim", "--steps", "6",
+                   "--grid", str(grid), "--out", str(out), "--npz", str(npz), "--gif", str(gif), "--device", "cpu"])
+    assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)          # ⌈√5⌉ = 3 columns, 8 px + 2 px padding
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(5)]
+    with np.load(npz, allow_pickle=False) as d:
+        images = d["images"]
+        assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+        assert d["sampler"] == "ddim" and int(d["steps"]) == 6
+    assert np.array_equal(np.asarray(Image.open(out / "00003.png")), images[3, ..., 0])
+    with Image.open(gif) as g:
+        assert g.n_frames == 6                                          # one frame per DDIM step here
+
+
+def test_default_grid_path_is_under_samples(tiny_checkpoint, tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint()
+    monkeypatch.chdir(tmp_path)
+    generate.main(["--ckpt", str(ckpt), "--n", "2", "--sampler", "ddim", "--steps", "3"])
+    assert (tmp_path / "samples" / "mnist_ddim3.png").exists()
+
+
+def test_cifar_labelled_grid_has_one_row_per_class(tiny_checkpoint, tmp_path):
+    names = ["airplane", "automobile", "bird"]
+    ckpt = tiny_checkpoint(num_classes=3, class_names=names, channels=3, dataset="cifar10")
+    grid, npz = tmp_path / "grid.png", tmp_path / "c.npz"
+    generate_cifar.main(["--ckpt", str(ckpt), "--n", "7", "--per-class", "2", "--sampler", "ddim", "--steps", "3",
+                         "--grid", str(grid), "--npz", str(npz), "--device", "cpu"])
+    with np.load(npz) as d:
+        assert d["images"].shape == (7, 8, 8, 3)
+        assert list(d["labels"]) == [0, 1, 2, 0, 1, 2, 0]               # classes in turn: balanced
+    img = Image.open(grid)
+    assert img.height > 3 * 8 and img.width > 2 * 8                     # 3 rows, 2 columns, plus the labels
+
+
+def test_pickle_payload_helper_is_not_importable_by_weights_only_load(tmp_path):
+    # what the refusal rests on: weights_only=True rejects any global it does not know
+    path = tmp_path / "p.pt"
+    torch.save({"x": Hostile(tmp_path / "m")}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_cifar_unconditional_grid_is_ten_per_row(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(channels=3, dataset="cifar10")
+    grid = tmp_path / "grid.png"
+    generate_cifar.main(["--ckpt", str(ckpt), "--n", "20", "--sampler", "ddim", "--steps", "2", "--grid", str(grid),
+                         "--device", "cpu"])
+    assert Image.open(grid).size == (10 * 10 + 2, 2 * 10 + 2)
