@@ -1,0 +1,361 @@
+"""Datasets as uint8 tensors, and the reproducible batch stream the trainer draws from.
+
+    load_dataset(name, data_dir=None, image_size=None, train=True) -> (images, labels, class_names)
+        images: uint8 (N, C, H, W); labels: int64 (N,) or None; class_names: list of str or None
+
+name is "mnist", "cifar10", "faces", a folder of images, or an .npz file holding `images`
+(uint8 N×H×W×C) and optionally `labels` and `class_names`. The data directory is data_dir, else
+$DDPM_DATA, else ./data. Inside it, <name>_train.npz / <name>_test.npz are used when present
+(offline copies), else torchvision downloads MNIST / CIFAR-10 there.
+
+Batches turns the images into an endless stream of training batches in [−1, 1]. The order is a
+pure function of (seed, epoch, position), so a resumed run sees exactly the batches the
+uninterrupted run would have seen, and under DDP every rank takes its own slice of each batch.
+"""
+
+import functools
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MNIST_CLASSES = [str(d) for d in range(10)]
+NAMED = ("mnist", "cifar10", "faces")
+
+
+def data_root(data_dir=None):
+    """data_dir, else $DDPM_DATA, else ./data."""
+    return Path(data_dir or os.environ.get("DDPM_DATA") or "data")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _cache_dir():
+    """Where slow-to-decode .npz files are kept as plain .npy: $DDPM_CACHE ("off" to disable),
+    else ~/.cache/ddpm."""
+    setting = os.environ.get("DDPM_CACHE", "")
+    if setting.lower() in ("off", "0", "none"):
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "ddpm"
+
+
+@functools.lru_cache(maxsize=4)
+def _read_npz(path, mtime_ns, size):
+    """Decode an .npz once per process. LZMA members (cifar10_train.npz: ~9 s on 2 cores) are
+    also written once to the cache folder as .npy, which later processes read in well under a second."""
+    cache = _cache_dir()
+    stem = f"{Path(path).stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{size}-{mtime_ns}"
+    if cache is not None and (cache / f"{stem}.done").exists():
+        keys = (cache / f"{stem}.done").read_text().split()
+        try:
+            return {k: np.load(cache / f"{stem}.{k}.npy", allow_pickle=False) for k in keys}
+        except (OSError, ValueError):
+            pass                                                   # damaged cache: decode again
+    t0 = time.time()
+    with np.load(path, allow_pickle=False) as d:
+        arrays = {k: d[k] for k in d.files}
+    if cache is not None and time.time() - t0 > 2.0:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            for k, v in arrays.items():
+                tmp = cache / f"{stem}.{k}.{os.getpid()}.tmp.npy"
+                np.save(tmp, v)
+                os.replace(tmp, cache / f"{stem}.{k}.npy")
+            (cache / f"{stem}.done").write_text(" ".join(arrays))
+        except OSError:
+            pass                                                   # read-only home: no cache, no harm
+    return arrays
+
+
+def load_npz(path):
+    """An .npz of uint8 `images` (N, H, W, C) [+ `labels`, `class_names`] -> the three outputs."""
+    path = Path(path)
+    stat = path.stat()
+    arrays = _read_npz(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if "images" not in arrays:
+        raise ValueError(f"{path} has no 'images' array (it has {sorted(arrays)}); "
+                         "expected uint8 images shaped N×H×W×C")
+    x = arrays["images"]
+    if x.ndim == 3:                                                   # N×H×W grey
+        x = x[..., None]
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(f"{path}: 'images' must be uint8 N×H×W×C, got {x.dtype} {x.shape}")
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()    # (N, C, H, W), a copy
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if "labels" in arrays else None
+    class_names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
+    return images, labels, class_names
+
+
+def _load_torchvision(name, root, train):
+    """The torchvision datasets, downloaded into root when the network allows."""
+    import torchvision
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        ds = cls(root=str(root), train=train, download=True)
+    except Exception as e:      # offline, firewall, ...
+        split = "train" if train else "test"
+        raise FileNotFoundError(
+            f"{name}: no {root / f'{name}_{split}.npz'} and torchvision could not download it "
+            f"({type(e).__name__}: {e}). Pass --data-dir (or set DDPM_DATA) to a folder holding "
+            f"{name}_{split}.npz, e.g. ../shared/data on the project machines.") from None
+    x = torch.as_tensor(np.asarray(ds.data))
+    if x.ndim == 3:
+        x = x[..., None]
+    images = x.permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    class_names = MNIST_CLASSES if name == "mnist" else list(ds.classes)
+    return images, labels, class_names
+
+
+def resize_images(images, size):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased; a center crop first if not square."""
+    H, W = images.shape[-2:]
+    if H != W:
+        s = min(H, W)
+        top, left = (H - s) // 2, (W - s) // 2
+        images = images[..., top:top + s, left:left + s]
+    if images.shape[-1] == size:
+        return images
+    out = []
+    for chunk in images.split(1024):
+        y = F.interpolate(chunk.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(y.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _to_rgb(img):
+    """Any PIL mode -> RGB; transparency is composited onto white (not left as garbage colour)."""
+    from PIL import Image
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path, image_size):
+    """One image file -> uint8 (3, size, size): center crop to a square, Lanczos resize."""
+    from PIL import Image
+    with Image.open(path) as img:
+        img.load()                                   # decode now, so a corrupt file fails here
+        img = _to_rgb(img)
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    if s != image_size:
+        img = img.resize((image_size, image_size), Image.LANCZOS, reducing_gap=3.0 if s >= 3 * image_size else None)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image_folder(folder, image_size=64):
+    """Every readable image under folder (recursively, in sorted order) -> uint8 (N, 3, size, size).
+
+    Files that are not images or do not decode are skipped and counted in one warning."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Decoding 30k photos takes minutes: the result is cached, keyed by every file's name, size and time.
+    listing = "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha1(f"{listing}\n{image_size}".encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    cached = cache / f"folder-{key}.npy" if cache is not None and files else None
+    if cached is not None and cached.exists():
+        return torch.from_numpy(np.load(cached, allow_pickle=False))
+    t0 = time.time()
+    images, skipped = [], []
+    for p in files:
+        try:
+            images.append(load_image(p, image_size))
+        except Exception:      # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            skipped.append(p.name)
+    if skipped:
+        warnings.warn(f"{folder}: skipped {len(skipped)} of {len(files)} files that are not readable images "
+                      f"(e.g. {', '.join(skipped[:3])})", stacklevel=2)
+    if not images:
+        raise FileNotFoundError(
+            f"no readable images in {folder} ({len(files)} files looked at). Put .jpg/.png images in it "
+            "(subfolders are fine), or pass --dataset mnist | cifar10 | faces | a path to an .npz file.")
+    images = torch.stack(images)
+    if cached is not None and time.time() - t0 > 2.0:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, images.numpy())
+            os.replace(tmp, cached)
+        except OSError:
+            pass                                                   # read-only home: no cache, no harm
+    return images
+
+
+def load_dataset(name, data_dir=None, image_size=None, train=True):
+    """(images uint8 (N, C, H, W), labels int64 (N,) or None, class_names or None); see the module doc.
+
+    image_size: the side to resize to (default: the dataset's own; 64 for an image folder).
+    train: the training split (named datasets only; an image folder or .npz is one split)."""
+    name = str(name)
+    if name in NAMED:
+        root = data_root(data_dir)
+        if name == "faces":
+            path = root / "faces64.npz"
+            if not path.exists():
+                raise FileNotFoundError(f"faces: {path} does not exist. Pass --data-dir (or set DDPM_DATA) to the "
+                                        "folder with faces64.npz, or --dataset <a folder of face images>.")
+            images, labels, class_names = load_npz(path)
+            labels, class_names = None, None        # celeba_id is an identity, not a class
+        else:
+            path = root / f"{name}_{'train' if train else 'test'}.npz"
+            if path.exists():
+                images, labels, class_names = load_npz(path)
+                if name == "mnist" and class_names is None:
+                    class_names = MNIST_CLASSES
+            else:
+                images, labels, class_names = _load_torchvision(name, root, train)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return load_image_folder(path, image_size or 64), None, None
+        if path.suffix == ".npz" and path.is_file():
+            images, labels, class_names = load_npz(path)
+        else:
+            raise FileNotFoundError(f"unknown dataset {name!r}: use mnist, cifar10, faces, a folder of images "
+                                    "or an .npz file with an 'images' array")
+    if image_size is not None and (images.shape[-1] != image_size or images.shape[-2] != image_size):
+        images = resize_images(images, image_size)
+    return images, labels, class_names
+
+
+def subset(images, labels, n):
+    """n images spread evenly over the set (CIFAR-10's file is sorted by class, so not the first n)."""
+    if not n or n >= len(images):
+        return images, labels
+    idx = torch.linspace(0, len(images) - 1, n).round().long()
+    return images[idx], (labels[idx] if labels is not None else None)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def to_model_range(x):
+    """uint8 [0, 255] -> float [−1, 1] (the DDPM data scaling)."""
+    return x.float() / 127.5 - 1.0
+
+
+def flip_where(x, flip):
+    """x: (B, C, H, W), flip: (B,) bool -> the flagged images mirrored left-right."""
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class _GatherBatch(torch.utils.data.Dataset):
+    """DataLoader path: a key is (indices, flips) for one batch, gathered in a worker."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, key):
+        idx, flip = key
+        x = flip_where(self.images[idx], flip)
+        y = self.labels[idx] if self.labels is not None else torch.empty(0, dtype=torch.long)
+        return x, y
+
+    def __len__(self):
+        return len(self.images)
+
+
+class Batches:
+    """Endless stream of (x in [−1, 1] (B, C, H, W) float on device, labels (B,) or None).
+
+    Epoch e's order and flips come from numpy's generator seeded with (seed, e), so the stream is
+    a pure function of (seed, epoch, index): state_dict() is just that position. The last
+    incomplete batch of an epoch is dropped (every batch has the same shape).
+
+    DDP: batch_size is the global batch; rank r takes its slice [r·B/W, (r+1)·B/W) of every
+    batch, so W processes see exactly the batches one process would.
+
+    On CUDA, a dataset that fits in a quarter of the GPU memory is stored there as uint8 and
+    batched there (no loader workers, no copies). Otherwise (on the CPU too) the images stay in
+    host memory: on the CPU they are indexed in place (workers would only steal its cores); on a
+    GPU a DataLoader gathers them in workers into pinned memory.
+    """
+
+    def __init__(self, images, labels, batch_size, seed=0, flip=False, device="cpu",
+                 rank=0, world_size=1, num_workers=4, use_loader=None):
+        device = torch.device(device)
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} must divide evenly over {world_size} processes")
+        if len(images) < batch_size:
+            raise ValueError(f"the dataset has {len(images)} images, fewer than one batch of {batch_size}; "
+                             "lower --batch-size")
+        self.n = len(images)
+        self.batch_size, self.seed, self.flip = batch_size, seed, flip
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.steps_per_epoch = self.n // batch_size
+        self.num_workers = num_workers
+        self.epoch, self.index = 0, 0                  # the next batch is `index` of epoch `epoch`
+        fits = device.type != "cuda" or images.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory
+        self.use_loader = (not fits) if use_loader is None else use_loader      # override: for tests
+        fits = fits and not self.use_loader
+        self.images = images.to(device) if fits else images
+        self.labels = None if labels is None else (labels.to(device) if fits else labels)
+        self._iter = None
+
+    # -- position
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if self.index >= self.steps_per_epoch:                 # e.g. resumed with a larger batch
+            self.epoch, self.index = self.epoch + 1, 0
+        self._iter = None
+
+    # -- the plan of one epoch
+    def epoch_plan(self, epoch):
+        """-> (perm (N,) int64, flips (N,) bool) for epoch `epoch`, the same on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = torch.from_numpy(rng.permutation(self.n))
+        flips = torch.from_numpy(rng.random(self.n) < 0.5) if self.flip else torch.zeros(self.n, dtype=torch.bool)
+        return perm, flips
+
+    def _keys(self, epoch, start):
+        """This rank's (indices, flips) for batches start … end of the epoch."""
+        perm, flips = self.epoch_plan(epoch)
+        for i in range(start, self.steps_per_epoch):
+            lo = i * self.batch_size + self.rank * self.local_batch
+            yield perm[lo:lo + self.local_batch], flips[lo:lo + self.local_batch]
+
+    def _stream(self):
+        while True:
+            epoch, start = self.epoch, self.index
+            if self.use_loader:
+                keys = list(self._keys(epoch, start))
+                loader = torch.utils.data.DataLoader(_GatherBatch(self.images, self.labels), batch_size=None,
+                                                     sampler=keys, num_workers=self.num_workers,
+                                                     pin_memory=self.device.type == "cuda")
+                for x, y in loader:
+                    x = x.to(self.device, non_blocking=True)
+                    y = y.to(self.device, non_blocking=True) if self.labels is not None else None
+                    yield x, y
+            else:
+                for idx, flip in self._keys(epoch, start):
+                    idx, flip = idx.to(self.images.device), flip.to(self.images.device)
+                    x = flip_where(self.images[idx], flip)
+                    yield x, (self.labels[idx] if self.labels is not None else None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iter is None:
+            self._iter = self._stream()
+        x, y = next(self._iter)
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return to_model_range(x), y

@@ -1,0 +1,186 @@
+"""The training loop: checkpoints any script can rebuild, bit-exact resume, NaN steps, DDP.
+
+Every run is a tiny model (base 8, two levels, T = 50) for a few steps on a slice of the real data.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_celeba
+import train_cifar
+import train_mnist
+import trainer
+from checkpoint import load_for_sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "50",
+        "--batch-size", "8", "--limit-data", "64", "--warmup-steps", "2", "--device", "cpu",
+        "--log-every", "1", "--sample-every", "0"]
+
+
+def run(script, folder, *extra):
+    """Train in-process (the datasets stay cached between tests) with every output under folder."""
+    script.main(TINY + ["--ckpt-dir", f"{folder}/ckpt", "--sample-dir", f"{folder}/samples",
+                        "--log-dir", f"{folder}/runs", *extra])
+    return folder / "ckpt"
+
+
+def tensors_equal(a, b, path="checkpoint"):
+    """Every tensor and value of two nested checkpoint dicts, compared exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            tensors_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            tensors_equal(u, v, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+@pytest.mark.parametrize("script, name, extra, size, channels", [
+    (train_mnist, "mnist", ["--class-cond"], 28, 1),
+    (train_cifar, "cifar10", ["--attn-resolutions", "16", "--dropout", "0.1"], 32, 3),
+    (train_celeba, "celeba", ["--image-size", "32"], 32, 3),
+])
+def test_each_trainer_writes_a_checkpoint_that_rebuilds_from_its_config(
+        script, name, extra, size, channels, data_dir, tmp_path):
+    ckpt_dir = run(script, tmp_path, "--steps", "2", "--sample-every", "2", "--sample-count", "4",
+                   "--sample-steps", "2", *extra)
+    full = torch.load(ckpt_dir / f"{name}.pt", weights_only=True)        # no pickled code anywhere
+    assert full["step"] == 2 and {"model", "ema", "optimizer", "rng", "data_state", "config"} <= set(full)
+    assert torch.load(ckpt_dir / f"{name}_ema.pt", weights_only=True)["step"] == 2
+    diffusion, config = load_for_sampling(ckpt_dir / f"{name}_ema.pt")
+    assert config["diffusion"]["image_size"] == size and config["diffusion"]["channels"] == channels
+    assert config["data"]["image_size"] == size and config["dataset"] == config["data"]["name"]
+    labels = None
+    if "--class-cond" in extra:
+        assert config["data"]["class_names"] == [str(d) for d in range(10)] and config["model"]["num_classes"] == 10
+        labels = torch.tensor([3, 7])
+    x = diffusion.sample(2, sampler="ddim", steps=2, labels=labels, progress=False)
+    assert x.shape == (2, channels, size, size) and torch.isfinite(x).all()
+    assert (tmp_path / "samples" / f"{name}_step2.png").exists()
+    assert (tmp_path / "runs" / name / "log.csv").read_text().count("\n") == 3      # header + 2 steps
+    assert (tmp_path / "runs" / name / "loss.png").exists()
+
+
+def test_resume_continues_bit_for_bit(data_dir, tmp_path):
+    """4 steps in one go equal 2 steps, a stop, and --resume to step 4: weights, EMA, optimiser, RNG."""
+    common = ["--dropout", "0.1", "--class-cond"]                      # dropout and label drops use the RNG too
+    whole = run(train_mnist, tmp_path / "whole", "--steps", "4", *common)
+    split = run(train_mnist, tmp_path / "split", "--steps", "2", *common)
+    run(train_mnist, tmp_path / "split", "--steps", "4", "--resume")   # settings come from the checkpoint
+    a = torch.load(whole / "mnist.pt", weights_only=True)
+    b = torch.load(split / "mnist.pt", weights_only=True)
+    for key in ("model", "ema", "optimizer", "step", "rng", "data_state", "nan_skipped"):
+        tensors_equal(a[key], b[key], key)
+    rows = (tmp_path / "split" / "runs" / "mnist" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_a_nan_loss_skips_the_step_and_leaves_the_weights_finite(data_dir, tmp_path):
+    """A NaN at step 2 leaves model, EMA and optimiser exactly as they were after step 1."""
+    one = run(train_mnist, tmp_path / "one", "--steps", "1")
+    nan = run(train_mnist, tmp_path / "nan", "--steps", "2", "--debug-nan-steps", "2")
+    a = torch.load(one / "mnist.pt", weights_only=True)
+    b = torch.load(nan / "mnist.pt", weights_only=True)
+    assert b["nan_skipped"] == 1 and b["step"] == 2
+    for key in ("model", "ema"):
+        tensors_equal(a[key], b[key], key)
+    tensors_equal(a["optimizer"]["state"], b["optimizer"]["state"], "Adam moments")   # (the lr warms up)
+    assert all(torch.isfinite(v).all() for v in b["model"].values())
+
+
+def test_nan_steps_in_a_row_abort_without_writing(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
+        run(train_mnist, tmp_path, "--steps", "5", "--debug-nan-steps", "1,2", "--max-nan-steps", "2")
+    assert not (tmp_path / "ckpt" / "mnist.pt").exists()
+
+
+def test_an_existing_checkpoint_needs_resume_or_overwrite(data_dir, tmp_path):
+    run(train_mnist, tmp_path, "--steps", "1")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(train_mnist, tmp_path, "--steps", "1")
+    with pytest.raises(SystemExit, match="cannot change"):
+        run(train_mnist, tmp_path, "--steps", "2", "--resume", "--base-channels", "16")
+
+
+def test_presets_and_flags_override_script_defaults():
+    args, explicit = trainer.parse_args(train_cifar.DEFAULTS, ["--small", "--lr", "3e-4"], train_cifar.PRESETS)
+    assert args.base_channels == 64 and args.channel_mults == [1, 2, 2] and args.lr == 3e-4
+    assert explicit == {"small", "lr"} and args.run_name == "cifar10"
+    args, _ = trainer.parse_args(train_cifar.DEFAULTS, [], train_cifar.PRESETS)
+    assert (args.base_channels, args.channel_mults, args.attn_resolutions, args.ema_decay) == (128, [1, 2, 2, 2], [16], 0.9999)
+    args, _ = trainer.parse_args(train_celeba.DEFAULTS, ["--attn-resolutions", "none"])
+    assert args.attn_resolutions == [] and args.run_name == "celeba"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_keep_identical_replicas_and_write_once(data_dir, tmp_path):
+    cmd = ["torchrun", "--nproc_per_node=2", "--standalone", "train_mnist.py", *TINY, "--steps", "3",
+           "--save-every", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--sample-dir", str(tmp_path / "samples"),
+           "--log-dir", str(tmp_path / "runs"), "--debug-dump-dir", str(tmp_path / "dump")]
+    env = {**os.environ, "DDPM_DATA": str(data_dir)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× 2 processes (DDP)" in result.stdout
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    tensors_equal(r0, r1, "rank0 vs rank1")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["mnist.pt", "mnist_ema.pt"]
+    ckpt = torch.load(tmp_path / "ckpt" / "mnist.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng_ranks"]) == 2
+    tensors_equal(ckpt["model"], r0["model"], "saved vs rank0")
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypatch):
+    import signal
+
+    from diffusion import GaussianDiffusion
+    calls = []
+    loss = GaussianDiffusion.loss
+
+    def loss_then_sigterm(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)           # arrives in the middle of step 2
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "10")
+    assert torch.load(ckpt_dir / "mnist.pt", weights_only=True)["step"] == 2 and len(calls) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler    # the trainer's handler is gone again
+
+
+def test_max_minutes_stops_cleanly_and_saves(data_dir, tmp_path):
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "10", "--max-minutes", "0.0001")
+    assert torch.load(ckpt_dir / "mnist.pt", weights_only=True)["step"] == 1
+
+
+def test_eval_hook_logs_proxy_metrics_without_touching_the_training_rng(data_dir, tmp_path, monkeypatch):
+    import types
+    calls = []
+
+    def proxy_metrics(diffusion, config, data_dir=None, num_samples=0, device=None, ckpt_dir=None):
+        calls.append((config["dataset"], num_samples, ckpt_dir))
+        torch.randn(100)                                  # draws from the global RNG, as sampling does
+        return {"proxy_fid": 12.5, "confident": 0.75, "coverage": None, "sampler": "ddim"}
+
+    monkeypatch.setitem(sys.modules, "fid", types.SimpleNamespace(proxy_metrics=proxy_metrics))
+    with_eval = run(train_mnist, tmp_path / "eval", "--steps", "2", "--eval-every", "1", "--eval-samples", "7")
+    without = run(train_mnist, tmp_path / "plain", "--steps", "2")
+    assert calls == [("mnist", 7, str(with_eval))] * 2
+    rows = (tmp_path / "eval" / "runs" / "mnist" / "eval.csv").read_text().splitlines()
+    assert rows[0] == "step,proxy_fid,confident,coverage,sampler" and rows[2] == "2,12.5,0.75,,ddim"
+    a = torch.load(with_eval / "mnist.pt", weights_only=True)
+    b = torch.load(without / "mnist.pt", weights_only=True)
+    for key in ("model", "ema", "rng"):
+        tensors_equal(a[key], b[key], key)
