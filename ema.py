@@ -30,12 +30,13 @@ class EMA:
     def update(self, model):
         d = self.current_decay()
         self.num_updates += 1
-        for name, value in model.state_dict().items():
-            shadow = self.shadow[name]
-            if name in self.param_names and value.is_floating_point():
-                shadow.lerp_(value.detach().float(), 1.0 - d)       # θ_ema += (1 − d)·(θ − θ_ema)
-            else:
-                shadow.copy_(value)                                   # buffers: copied
+        state = model.state_dict()
+        averaged = [k for k in state if k in self.param_names and state[k].is_floating_point()]
+        theta_ema, theta = [self.shadow[k] for k in averaged], [state[k].detach().float() for k in averaged]
+        # One fused multi-tensor kernel (torch.optim's own fast path), not one launch per tensor.
+        torch._foreach_lerp_(theta_ema, theta, 1.0 - d)                   # θ_ema += (1 − d)·(θ − θ_ema)
+        for k in state.keys() - set(averaged):
+            self.shadow[k].copy_(state[k])                                # buffers: copied
 
     @torch.no_grad()
     def copy_to(self, model):

@@ -18,7 +18,7 @@ def test_whiteboard_names_every_core_equation():
     quoted = " ".join(code for _, _, code in whiteboard_rows())
     for name in ["sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
                  "eps_coef", "log_var_small", "log_var_large", "guidance", "sigma = eta", "F.mse_loss",
-                 "f / f[0]", "norm2(h) * (1 + gamma) + beta", "lerp_"]:
+                 "f / f[0]", "norm2(h) * (1 + gamma) + beta", "θ_ema += (1 − d)"]:
         assert name in quoted, f"the whiteboard quotes no line with {name!r}"
 
 
