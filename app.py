@@ -26,11 +26,11 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
 
 from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling, pick_device
+from checkpoint import synchronize as sync
 from diffusion import ddim_timesteps
+from generate import make_grid, to_pil, to_uint8
 
 # ----------------------------------------------------------------------------- defaults
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
@@ -41,7 +41,7 @@ MAX_IMAGES = 64
 DEFAULT_GUIDANCE = 2.0       # CFG w: out = (1 + w)·out(y) − w·out(∅); 0 = plain conditional
 MAX_GUIDANCE = 20.0
 FRAMES = 25                  # live updates of x_t / x̂_0 per run, at most
-PADDING = 2                  # pixels between the images of a grid (torchvision's make_grid)
+PADDING = 2                  # pixels between the images of a grid (generate.make_grid's default)
 DISPLAY_PX = 512             # grids are shown enlarged (nearest neighbour) to about this size
 MODEL_CACHE = 2              # models kept loaded
 QUEUE_SIZE = 16              # runs waiting beyond that are refused ("queue full")
@@ -124,10 +124,9 @@ class ModelCache:
 # ----------------------------------------------------------------------------- images
 
 def to_grid(x, nrow=None):
-    """(n, C, H, W) in [−1, 1] (x_t may stray outside) -> grid (C', H', W') in [0, 1],
+    """(n, C, H, W) in [−1, 1] (x_t may stray outside: clamped) -> uint8 grid (H', W', C),
     ⌈√n⌉ images a row, PADDING white pixels around each image."""
-    nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
-    return make_grid(((x.float().cpu().clamp(-1, 1) + 1) / 2), nrow=nrow, padding=PADDING, pad_value=1.0)
+    return make_grid(to_uint8(x), nrow, padding=PADDING)
 
 
 def grid_shape(n, image_size, nrow=None):
@@ -143,29 +142,20 @@ def display_scale(height, width):
 
 
 def to_display(grid):
-    """grid (3, H, W) in [0, 1] -> uint8 (sH, sW, 3), enlarged by display_scale (nearest neighbour)."""
-    s = display_scale(*grid.shape[1:])
-    big = grid.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
-    return (big * 255).round().byte().permute(1, 2, 0).numpy()
+    """uint8 grid (H, W, C) -> uint8 (sH, sW, 3), enlarged by display_scale (nearest neighbour)."""
+    s = display_scale(*grid.shape[:2])
+    big = grid.repeat(s, axis=0).repeat(s, axis=1)
+    return big.repeat(3, axis=2) if big.shape[2] == 1 else big
 
 
-def save_png(grid, channels, folder, stem):
+def save_png(grid, folder, stem):
     """Save the grid at its true size (grayscale for 1-channel models) and return the path."""
-    array = (grid * 255).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if channels == 1 else array)
     path = Path(tempfile.mkdtemp(dir=folder)) / f"{stem}.png"
-    image.save(path)
+    to_pil(grid).save(path)
     return str(path)
 
 
 # ----------------------------------------------------------------------------- the app
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
 
 class App:
     """The state behind the page: the checkpoints, the model cache, the timing cache."""
@@ -310,7 +300,7 @@ class App:
         seconds = time.perf_counter() - start
         grid = to_grid(x)
         what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance:g}" if info["num_classes"] else "")
-        png = save_png(grid, info["channels"], self.out_dir, f"{name}_{what}")
+        png = save_png(grid, self.out_dir, f"{name}_{what}")
         shown = to_display(grid)
         yield (shown, to_display(to_grid(x0)), shown, png,
                f"Done: {n} images, {sampler} {steps} steps, seed {seed}, in {seconds:.1f} s.")

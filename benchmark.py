@@ -20,7 +20,7 @@ import torch
 import train_celeba
 import train_cifar
 import train_mnist
-from checkpoint import pick_device
+from checkpoint import pick_device, synchronize as sync
 from diffusion import GaussianDiffusion
 from ema import EMA
 from unet import UNet
@@ -38,13 +38,6 @@ def build(defaults, image_size, channels):
                  channel_mults=defaults["channel_mults"], num_res_blocks=defaults["num_res_blocks"],
                  attn_resolutions=defaults["attn_resolutions"], dropout=defaults["dropout"], image_size=image_size)
     return model, GaussianDiffusion(model, image_size, channels, timesteps=defaults.get("timesteps", 1000))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def bench(name, args, device):

@@ -42,6 +42,14 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def synchronize(device):
+    """Wait for the device's queued work (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
     leaves a truncated checkpoint, and the previous one survives until the new one is complete."""

@@ -440,7 +440,7 @@ def train(args, explicit):
                          "step": step}, ckpt_path.with_name(f"{args.run_name}_ema.pt"))
 
     def sample_grid():
-        from torchvision.utils import save_image
+        from generate import save_grid, to_uint8
         ema.copy_to(ema_model)
         n, nrow = args.sample_count, max(1, int(math.sqrt(args.sample_count)))
         labels_ = None
@@ -453,8 +453,7 @@ def train(args, explicit):
             x = ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels_,
                                      generator=gen, progress=False)
         path = Path(args.sample_dir) / f"{args.run_name}_step{step}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image((x + 1) / 2, path, nrow=nrow)
+        save_grid(to_uint8(x), path, ncol=nrow)
         return path
 
     def evaluate():
