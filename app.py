@@ -29,8 +29,7 @@ import torch
 
 from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling, pick_device
 from checkpoint import synchronize as sync
-from diffusion import ddim_timesteps
-from generate import make_grid, to_pil, to_uint8
+from generate import SamplingError, make_grid, resolve_sampling, to_pil, to_uint8
 
 # ----------------------------------------------------------------------------- defaults
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
@@ -129,13 +128,6 @@ def to_grid(x, nrow=None):
     return make_grid(to_uint8(x), nrow, padding=PADDING)
 
 
-def grid_shape(n, image_size, nrow=None):
-    """(height, width) in pixels of the grid that to_grid makes of n images."""
-    nrow = min(nrow or math.ceil(math.sqrt(n)), n)
-    rows = math.ceil(n / nrow)
-    return rows * (image_size + PADDING) + PADDING, nrow * (image_size + PADDING) + PADDING
-
-
 def display_scale(height, width):
     """Integer factor that brings a grid to about DISPLAY_PX, for crisp pixels in the browser."""
     return max(1, DISPLAY_PX // max(height, width))
@@ -170,48 +162,39 @@ class App:
     # ------------------------------------------------------------------ inputs
 
     def check_inputs(self, name, sampler, steps, seed, n, class_name, guidance):
-        """Validate on the server (the sliders' limits are only a hint to the browser).
-        Returns (info, sampler, steps, seed, n, class_name, guidance) or raises gr.Error."""
+        """Validate on the server (the sliders' limits are only a hint to the browser): the page's own
+        limits here, the model's through generate.resolve_sampling, the check generate.py uses.
+        Returns (info, diffusion, sampler, steps, seed, n, labels or None, guidance) or raises gr.Error."""
         if name not in self.infos:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
         info = self.infos[name]
         if sampler not in SAMPLERS:
             raise gr.Error(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
 
-        def integer(value, what, low, high):
+        def whole(value, what):
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value != int(value):
                 raise gr.Error(f"{what} must be a whole number, got {value!r}")
-            if not low <= value <= high:
-                raise gr.Error(f"{what} must be between {low} and {high}, got {int(value)}")
             return int(value)
 
-        steps = integer(steps, f"steps (this model has T = {info['T']})", 1, info["T"])
-        n = integer(n, "number of images", 1, MAX_IMAGES)
-        seed = integer(seed, "seed", 0, 2**63 - 1)
+        steps, n, seed = whole(steps, "steps"), whole(n, "number of images"), whole(seed, "seed")
+        if not 1 <= n <= MAX_IMAGES:
+            raise gr.Error(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        if not 0 <= seed < 2**63:
+            raise gr.Error(f"seed must be between 0 and 2^63 − 1, got {seed}")
+        class_ = None
         if info["num_classes"]:
-            if class_name not in [ALL_CLASSES, *info["class_names"]]:
-                raise gr.Error(f"unknown class {class_name!r}; choose one of {[ALL_CLASSES, *info['class_names']]}")
             if guidance is None or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
                 raise gr.Error(f"guidance w must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
-            guidance = float(guidance)
-        else:
-            class_name, guidance = None, 0.0
-        return info, sampler, steps, seed, n, class_name, guidance
-
-    def labels(self, info, class_name, n):
-        """(n,) class labels, or None for an unconditional model."""
-        if not info["num_classes"]:
-            return None
-        if class_name == ALL_CLASSES:
-            return torch.arange(n) % info["num_classes"]
-        return torch.full((n,), info["class_names"].index(class_name))
-
-    def network_calls(self, info, sampler, steps):
-        """Reverse steps the sampler takes: DDPM with steps = T runs all of Algorithm 2."""
-        if sampler == "DDPM" and steps == info["T"]:
-            return info["T"]
-        return len(ddim_timesteps(info["T"], steps))
+            class_ = None if class_name == ALL_CLASSES else class_name
+        guidance = float(guidance) if info["num_classes"] else 0.0
+        diffusion = self.models.get(info["path"], self.device)
+        try:
+            steps, labels, _ = resolve_sampling(diffusion, info["config"], sampler=SAMPLERS[sampler], steps=steps,
+                                                n=n, class_=class_, guidance=guidance)
+        except SamplingError as e:
+            raise gr.Error(f"{e.setting}: {e}") from None
+        return info, diffusion, sampler, steps, seed, n, labels, guidance
 
     # ------------------------------------------------------------------ time estimate
 
@@ -239,13 +222,12 @@ class App:
     def estimate(self, name, sampler, steps, n, class_name, guidance):
         """Markdown: how long a run with these settings will take."""
         try:
-            info, sampler, steps, _, n, class_name, guidance = self.check_inputs(
-                name, sampler, steps, 0, n, class_name, guidance)
+            info, _, sampler, calls, _, n, _, guidance = self.check_inputs(name, sampler, steps, 0, n, class_name,
+                                                                           guidance)
         except gr.Error as e:
             return f"⚠️ {e.message}"
         batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
         per_call = self.seconds_per_call(info, batch)
-        calls = self.network_calls(info, sampler, steps)
         return (f"Estimated time: **≈ {calls * per_call:.1f} s** on {self.device.type} "
                 f"({calls} network calls × {1000 * per_call:.0f} ms at batch {batch}).")
 
@@ -276,13 +258,10 @@ class App:
 
     def generate(self, name, sampler, steps, seed, n, class_name, guidance):
         """Stream (x_t grid, x̂_0 grid, final grid, PNG path, status) while the reverse chain runs."""
-        info, sampler, steps, seed, n, class_name, guidance = self.check_inputs(
-            name, sampler, steps, seed, n, class_name, guidance)
-        yield None, None, None, None, "Loading the model…"
-        diffusion = self.models.get(info["path"], self.device)
-        total = self.network_calls(info, sampler, steps)
+        info, diffusion, sampler, steps, seed, n, labels, guidance = self.check_inputs(
+            name, sampler, steps, seed, n, class_name, guidance)           # loads the model (cached)
+        total = steps                                                     # network calls
         every = max(1, math.ceil(total / FRAMES))
-        labels = self.labels(info, class_name, n)
         if labels is not None:
             labels = labels.to(self.device)
         generator = torch.Generator("cpu").manual_seed(seed)    # same images on every device

@@ -12,6 +12,7 @@ config = {"dataset": str,
           "train":     the trainer's resolved hyperparameters}
 """
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -48,6 +49,15 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def file_sha256(path):
+    """The SHA-256 of a file, as hex (names weights in caches and reports)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_checkpoint(obj, path):

@@ -231,6 +231,28 @@ def load_dataset(name, data_dir=None, image_size=None, train=True):
     return images, labels, class_names
 
 
+def load_split(name, data_dir=None, image_size=None, split="train", limit=None):
+    """load_dataset's split by name ("train" / "test"), optionally an even subset of `limit` images."""
+    images, labels, class_names = load_dataset(name, data_dir, image_size, train=(split == "train"))
+    images, labels = subset(images, labels, limit)
+    return images, labels, class_names
+
+
+def dataset_slug(name):
+    """"mnist" -> "mnist"; "photos/faces.npz" or "photos/" -> "faces" / "photos" (for file names)."""
+    name = str(name)
+    return name if "/" not in name and "." not in name else Path(name.rstrip("/")).stem
+
+
+def match_channels(images, channels):
+    """uint8 (N, C, H, W) -> (N, channels, H, W): grey repeated to RGB, or RGB averaged to grey."""
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, channels, -1, -1)
+    return images.float().mean(dim=1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
+
+
 def subset(images, labels, n):
     """n images spread evenly over the set (CIFAR-10's file is sorted by class, so not the first n)."""
     if not n or n >= len(images):

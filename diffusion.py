@@ -93,7 +93,7 @@ class GaussianDiffusion(nn.Module):
         alphas = 1 - betas                                                           # α_t = 1 − β_t
         alphas_cumprod = torch.cumprod(alphas, dim=0)                                # ᾱ_t = ∏ α_s
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # ᾱ_{t−1}
-        posterior_variance = (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas   # eq. 7: β̃_t
+        posterior_variance = (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas   # DDPM eq. 7: β̃_t
         # β̃_0 = 0, so log β̃ is clipped at the first step to log β̃_1, as the DDPM code does; with
         # σ² = β, the first step uses β̃_1 as well (DDPM's "fixedlarge"). Step 0 adds no noise anyway.
         log_var_small = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
@@ -117,13 +117,13 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ forward process
 
     def q_sample(self, x0, t, noise=None):
-        """Ho et al. eq. 4: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, ε ~ N(0, I)."""
+        """DDPM eq. 4: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, ε ~ N(0, I)."""
         if noise is None:
             noise = torch.randn_like(x0)
         return extract(self.sqrt_alphas_cumprod, t) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
 
     def q_posterior(self, x0, xt, t):
-        """Eqs. 6–7: q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I),
+        """DDPM eqs. 6–7: q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I),
         μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x_0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t. Returns (mean, variance)."""
         mean = extract(self.posterior_mean_coef1, t) * x0 + extract(self.posterior_mean_coef2, t) * xt
         return mean, extract(self.posterior_variance, t)
@@ -131,11 +131,11 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ x_0 ↔ ε ↔ v
 
     def predict_x0_from_eps(self, xt, t, eps):
-        """Eq. 4 solved for x_0: x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+        """DDPM eq. 4 solved for x_0: x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
         return (xt - extract(self.sqrt_one_minus_alphas_cumprod, t) * eps) / extract(self.sqrt_alphas_cumprod, t)
 
     def predict_eps_from_x0(self, xt, t, x0):
-        """Eq. 4 solved for ε: ε = (x_t − √ᾱ_t·x_0) / √(1−ᾱ_t)."""
+        """DDPM eq. 4 solved for ε: ε = (x_t − √ᾱ_t·x_0) / √(1−ᾱ_t)."""
         return (xt - extract(self.sqrt_alphas_cumprod, t) * x0) / extract(self.sqrt_one_minus_alphas_cumprod, t)
 
     def v_target(self, x0, t, eps):
@@ -148,7 +148,7 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ the network's view
 
-    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True, model=None):
+    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True):
         """Run the network once (twice with guidance) and return (ε_θ, x̂_0).
 
         Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = (1 + w)·out(y) − w·out(∅).
@@ -157,13 +157,12 @@ class GaussianDiffusion(nn.Module):
         data range; not in the equations, but in the DDPM code) and ε is recomputed from it, so
         the pair stays consistent.
         """
-        model = self.model if model is None else model
         if labels is not None and guidance != 0.0:
             null = torch.full_like(labels, self.num_classes)
-            out_cond, out_uncond = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+            out_cond, out_uncond = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
             out = (1 + guidance) * out_cond - guidance * out_uncond
         else:
-            out = model(xt, t, labels).float()
+            out = self.model(xt, t, labels).float()
 
         if self.objective == "eps":
             eps, x0 = out, self.predict_x0_from_eps(xt, t, out)
@@ -179,16 +178,17 @@ class GaussianDiffusion(nn.Module):
         return eps, x0
 
     def p_mean(self, xt, t, eps):
-        """Eq. 11: μ_θ(x_t, t) = (x_t − β_t/√(1−ᾱ_t)·ε_θ) / √α_t."""
+        """DDPM eq. 11: μ_θ(x_t, t) = (x_t − β_t/√(1−ᾱ_t)·ε_θ) / √α_t."""
         return extract(self.sqrt_recip_alphas, t) * (xt - extract(self.eps_coef, t) * eps)
 
     # ------------------------------------------------------------------ training
 
     def loss(self, x0, labels=None, model=None):
-        """Eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0, …, T−1}.
+        """DDPM eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0, …, T−1}.
 
         For objective "x0" or "v" the target is x_0 or v instead of ε. With labels and
         cond_drop_prob > 0, that share of labels becomes the null label (CFG training).
+        model: the network to train through, when it is wrapped (torch.compile, DDP); default self.model.
         """
         model = self.model if model is None else model
         B = x0.shape[0]
@@ -201,32 +201,57 @@ class GaussianDiffusion(nn.Module):
         target = {"eps": eps, "x0": x0, "v": self.v_target(x0, t, eps)}[self.objective]
         return F.mse_loss(model(xt, t, labels).float(), target)
 
+    def eq12_weight(self, t):
+        """DDPM eq. 12, the weight that DDPM eq. 14 sets to 1: L_t = β_t²/(2σ_t²·α_t·(1−ᾱ_t))·‖ε − ε_θ‖²,
+        with σ_t² the reverse-step variance. (B,) -> (B,). Not used in training; kept to show
+        what L_simple drops (it down-weights small t, Ho et al. §3.4)."""
+        sigma2 = extract(self.posterior_log_variance, t).exp().flatten()
+        beta, alpha_bar = self.betas[t], self.alphas_cumprod[t]
+        return beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - alpha_bar))
+
     # ------------------------------------------------------------------ sampling
 
-    def _check_sampling_args(self, sampler, steps, labels, n):
+    def sampling_timesteps(self, sampler="ddpm", steps=None):
+        """The steps t (0-based, descending) that `sampler` visits with `steps` network calls, or
+        ValueError saying why not. The one place that decides "which steps" for every caller.
+
+        ddpm, steps None or T: DDPM Algorithm 2, every t = T−1 … 0.
+        ddpm, steps < T: ancestral sampling on an evenly respaced chain (Nichol & Dhariwal §4).
+        ddim: `steps` evenly spaced steps (default min(50, T)), Song et al. §4.2.
+        """
+        T = self.num_timesteps
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        if steps is not None and not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be between 1 and T = {self.num_timesteps}, got {steps}")
-        if labels is not None:
-            if self.num_classes is None:
-                raise ValueError("labels were given but the model is unconditional")
-            if labels.shape != (n,):
-                raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if steps is None:
+            steps = T if sampler == "ddpm" else min(50, T)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"{steps!r} sampling steps is out of range: this model has T = {T} diffusion "
+                             f"steps, so use a whole number from 1 to {T}")
+        if sampler == "ddpm" and steps == T:
+            return list(range(T - 1, -1, -1))
+        return ddim_timesteps(T, steps).tolist()
+
+    def _check_labels(self, labels, n):
+        if labels is None:
+            return
+        if self.num_classes is None:
+            raise ValueError("labels were given but the model is unconditional")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
 
     @torch.no_grad()
-    def sample_iter(self, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-                    clip_denoised=True, x_T=None, generator=None, progress=True, model=None):
+    def sample_iter(self, n, *, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
+                    clip_denoised=True, x_T=None, generator=None, progress=True):
         """Yield (t, x_t, x̂_0) after every reverse step; the last x_t is the sample, in [−1, 1].
 
-        sampler "ddpm": Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
+        sampler "ddpm": DDPM Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
             ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
-        sampler "ddim": eq. 12 over `steps` evenly spaced steps; η = 0 is deterministic given x_T.
+        sampler "ddim": DDIM eq. 12 over `steps` evenly spaced steps; η = 0 is deterministic given x_T.
         generator: a torch.Generator for the noise, for reproducible samples; its device is where
             the noise is drawn (use a CPU generator for the same images on every device).
         """
-        self._check_sampling_args(sampler, steps, labels, n)
-        model = self.model if model is None else model
+        ts = self.sampling_timesteps(sampler, steps)
+        self._check_labels(labels, n)
         device = self.betas.device
         shape = (n, self.channels, self.image_size, self.image_size)
 
@@ -234,37 +259,33 @@ class GaussianDiffusion(nn.Module):
             gen_device = generator.device if generator is not None else device
             return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
-        x = randn() if x_T is None else x_T.to(device)                                  # x_T ~ N(0, I)
-        if sampler == "ddpm" and (steps is None or steps == self.num_timesteps):
-            step_iter = self._ddpm_steps(x, labels, guidance, clip_denoised, randn, model)
-            total = self.num_timesteps
+        x = randn() if x_T is None else x_T.to(device)                                  # Alg. 2: x_T ~ N(0, I)
+        if sampler == "ddpm" and len(ts) == self.num_timesteps:
+            step_iter = self._ddpm_steps(x, labels, guidance, clip_denoised, randn)
         else:
-            if sampler == "ddpm":
-                eta = 1.0
-            ts = ddim_timesteps(self.num_timesteps, steps or 50)
-            step_iter = self._ddim_steps(x, ts.tolist(), eta, labels, guidance, clip_denoised, randn, model)
-            total = len(ts)
-        yield from tqdm(step_iter, total=total, desc=f"{sampler} sampling", disable=not progress, leave=False)
+            eta = 1.0 if sampler == "ddpm" else eta
+            step_iter = self._ddim_steps(x, ts, eta, labels, guidance, clip_denoised, randn)
+        yield from tqdm(step_iter, total=len(ts), desc=f"{sampler} sampling", disable=not progress, leave=False)
 
-    def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn, model):
-        """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t·z, z ~ N(0, I), and z = 0 at the last step."""
-        for i in reversed(range(self.num_timesteps)):
+    def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn):
+        """DDPM Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t·z, z ~ N(0, I), and z = 0 at the last step."""
+        for i in reversed(range(self.num_timesteps)):                                 # Alg. 2: for t = T, …, 1
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised, model)
-            mean = self.p_mean(x, t, eps)                                             # eq. 11
+            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)
+            mean = self.p_mean(x, t, eps)                                             # DDPM eq. 11
             if i > 0:
                 x = mean + (0.5 * extract(self.posterior_log_variance, t)).exp() * randn()  # σ_t·z
             else:
                 x = mean                                                              # no noise at t = 1
             yield i, x, x0
 
-    def _ddim_steps(self, x, ts, eta, labels, guidance, clip_denoised, randn, model):
-        """Song et al. 2021, eq. 12, from step t to the next chosen step t' < t (ᾱ_{t'} = 1 after the last):
+    def _ddim_steps(self, x, ts, eta, labels, guidance, clip_denoised, randn):
+        """DDIM eq. 12, from step t to the next chosen step t' < t (ᾱ_{t'} = 1 after the last):
         x_{t'} = √ᾱ_{t'}·x̂_0 + √(1 − ᾱ_{t'} − σ²)·ε_θ + σ·z,
-        σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (eq. 16)."""
+        σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (DDIM eq. 16)."""
         for i, t_now in enumerate(ts):
             t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised, model)
+            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)
             alpha_bar = self.alphas_cumprod[t_now]
             alpha_bar_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(alpha_bar)
             sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
@@ -274,17 +295,15 @@ class GaussianDiffusion(nn.Module):
             yield t_now, x, x0
 
     @torch.no_grad()
-    def sample(self, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-               clip_denoised=True, x_T=None, generator=None, progress=True, trajectory_every=None, model=None):
-        """Draw n images, (n, C, H, W) in [−1, 1]. See sample_iter for the arguments.
+    def sample(self, n, *, trajectory_every=None, **settings):
+        """Draw n images, (n, C, H, W) in [−1, 1]. `settings` are sample_iter's keywords.
 
         With trajectory_every = k, also return the trajectory: a list of (t, x_t, x̂_0) for every
         k-th step and the last one, on the CPU, for animations.
         """
         trajectory = []
         x = None
-        for k, (t, x, x0) in enumerate(self.sample_iter(n, sampler, steps, eta, labels, guidance, clip_denoised,
-                                                        x_T, generator, progress, model)):
+        for k, (t, x, x0) in enumerate(self.sample_iter(n, **settings)):
             if trajectory_every and (k % trajectory_every == 0 or t == 0):
                 trajectory.append((t, x.cpu(), x0.cpu()))
         x = x.clamp(-1, 1)

@@ -48,16 +48,15 @@ class EMA:
         return self
 
     def state_dict(self):
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+        """Only what changes while training: the shadow weights and the update count. The decay and
+        the warmup are settings, given to the constructor (a resumed run uses the flags it prints)."""
+        return {"num_updates": self.num_updates, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state):
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state is missing {len(missing)} tensors (e.g. {sorted(missing)[:3]}); "
                            "was it saved from a different architecture?")
-        self.decay = state["decay"]
-        self.warmup = state["warmup"]
         self.num_updates = state["num_updates"]
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)

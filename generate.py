@@ -109,23 +109,29 @@ def save_gif(trajectory, path, ncol=None, max_images=64, frame_ms=60, hold_ms=15
 
 # ----------------------------------------------------------------------------- sampling
 
+def classes_in_turn(n, num_classes):
+    """(n,) labels 0, 1, …, K−1, 0, 1, …: image i has class i mod K, so a K-column grid shows one
+    class per column and n = m·K images hold m of each."""
+    return torch.arange(n) % num_classes
+
+
 @torch.no_grad()
-def sample_images(diffusion, n, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-                  batch_size=256, seed=0, progress=True, trajectory_every=None):
+def sample_images(diffusion, n, *, batch_size=256, seed=0, labels=None, progress=True, trajectory_every=None,
+                  **settings):
     """Draw n images batch by batch -> (N, H, W, C) uint8 numpy (and the first batch's trajectory
-    if trajectory_every is set). labels: (n,) int tensor or None. All noise comes from one CPU
-    generator seeded with `seed`, so the images do not depend on the device."""
+    if trajectory_every is set). labels: (n,) int tensor or None; settings: sampler, steps, eta,
+    guidance (GaussianDiffusion.sample_iter's keywords). All noise comes from one CPU generator
+    seeded with `seed`, so the images do not depend on the device."""
     generator = torch.Generator().manual_seed(seed)
     device = diffusion.betas.device
     images, trajectory = [], None
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         y = labels[start:start + b].to(device) if labels is not None else None
-        if trajectory_every and trajectory is None:
-            x, trajectory = diffusion.sample(b, sampler, steps, eta, y, guidance, generator=generator,
-                                             progress=progress, trajectory_every=trajectory_every)
-        else:
-            x = diffusion.sample(b, sampler, steps, eta, y, guidance, generator=generator, progress=progress)
+        every = trajectory_every if trajectory is None else None
+        out = diffusion.sample(b, labels=y, generator=generator, progress=progress, trajectory_every=every,
+                               **settings)
+        x, trajectory = out if every else (out, trajectory)
         images.append(to_uint8(x))
         if progress and n > batch_size:
             print(f"  {start + b}/{n} images")
@@ -133,16 +139,51 @@ def sample_images(diffusion, n, sampler="ddpm", steps=None, eta=0.0, labels=None
     return (images, trajectory) if trajectory_every else images
 
 
-def resolve_class(value, config):
-    """--class as a name ("cat") or an index ("3") -> int, or SystemExit listing the choices."""
-    num_classes = config["model"].get("num_classes")
-    names = config.get("data", {}).get("class_names") or [str(i) for i in range(num_classes)]
-    if value in names:
-        return names.index(value)
-    if value.lstrip("-").isdigit() and 0 <= int(value) < num_classes:
+class SamplingError(ValueError):
+    """Sampling settings a model cannot take; .setting names which one ("steps", "class", …)."""
+
+    def __init__(self, setting, message):
+        super().__init__(message)
+        self.setting = setting
+
+
+def resolve_class(value, num_classes, class_names=None):
+    """A class as a name ("cat") or an index ("3", 3) -> int, or SamplingError listing the choices."""
+    names = class_names or [str(i) for i in range(num_classes)]
+    if str(value) in names:
+        return names.index(str(value))
+    if str(value).lstrip("-").isdigit() and 0 <= int(value) < num_classes:
         return int(value)
-    raise SystemExit(f"error: unknown class {value!r}; this model knows {num_classes} classes: "
-                     + ", ".join(f"{i}={name}" for i, name in enumerate(names)))
+    raise SamplingError("class", f"unknown class {value!r}; this model knows {num_classes} classes: "
+                        + ", ".join(f"{i}={name}" for i, name in enumerate(names)))
+
+
+def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guidance=0.0):
+    """The one check of the sampling settings against a model, for generate.py, fid.py and app.py.
+
+    -> (steps the sampler will take, labels (n,) or None, class index or None). class_ None means
+    the classes in turn on a conditional model. Raises SamplingError saying what was wrong and
+    what to do; the scripts turn it into one line (SystemExit, gr.Error)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SamplingError("n", f"the number of images must be a whole number ≥ 1, got {n!r}")
+    try:
+        steps = len(diffusion.sampling_timesteps(sampler, steps))
+    except ValueError as e:
+        raise SamplingError("sampler" if sampler not in SAMPLERS else "steps", str(e)) from None
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise SamplingError("guidance", f"the guidance weight w must be a number ≥ 0 (0 = none), got {guidance!r}")
+    num_classes = config["model"].get("num_classes")
+    if num_classes is None:
+        if class_ is not None or guidance:
+            setting = "class" if class_ is not None else "guidance"
+            raise SamplingError(setting, "only for class-conditional models, but this checkpoint is "
+                                "unconditional (config model.num_classes is None); leave it out")
+        return steps, None, None
+    if class_ is None:
+        return steps, classes_in_turn(n, num_classes), None
+    c = resolve_class(class_, num_classes, config.get("data", {}).get("class_names"))
+    return steps, torch.full((n,), c, dtype=torch.long), c
 
 
 def open_checkpoint(path, device):
@@ -153,34 +194,12 @@ def open_checkpoint(path, device):
         raise SystemExit(f"error: {e}") from None
 
 
-def resolve_sampling(args, diffusion, config):
-    """Check the sampling flags against the model -> (steps, labels tensor or None, class index or None).
-    Every refusal is a SystemExit with a message, never a traceback."""
-    T = diffusion.num_timesteps
-    steps = args.steps if args.steps is not None else (T if args.sampler == "ddpm" else min(50, T))
-    if not 1 <= steps <= T:
-        raise SystemExit(f"error: --steps {steps} is out of range: this checkpoint has T = {T} diffusion "
-                         f"steps, so use 1 … {T}")
-    num_classes = config["model"].get("num_classes")
-    if num_classes is None:
-        if args.class_ is not None or args.guidance:
-            flags = " and ".join(f for f, v in (("--class", args.class_ is not None), ("--guidance", args.guidance)) if v)
-            raise SystemExit(f"error: {flags}: only for class-conditional models, but this checkpoint is "
-                             "unconditional (config model.num_classes is None); drop the flag(s)")
-        return steps, None, None
-    if args.class_ is not None:
-        c = resolve_class(args.class_, config)
-        return steps, torch.full((args.n,), c, dtype=torch.long), c
-    return steps, torch.arange(args.n) % num_classes, None                    # the classes in turn
-
-
-def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
+def add_sampling_args(p, n=64):
+    """The flags that say how to sample a checkpoint; generate.py, generate_cifar.py and fid.py share them."""
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: Algorithm 2 (ancestral); ddim: Song et al. eq. 12 (default: %(default)s)")
+                   help="ddpm: DDPM Algorithm 2 (ancestral); ddim: DDIM eq. 12 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help="reverse steps, 1 … T (default: all T for ddpm, 50 for ddim)")
+                   help="network calls per image, 1 … T (default: all T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
     p.add_argument("--n", type=int, default=n, help="number of images (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
@@ -189,6 +208,14 @@ def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
                    help="conditional models: a class name or index for every image (default: classes in turn)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: (1+w)·cond − w·uncond (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    return p
+
+
+def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
+    add_sampling_args(p, n)
     p.add_argument("--grid", default=None, help="grid PNG (default: samples/<dataset>_<sampler><steps>.png)")
     p.add_argument("--no-grid", action="store_true", help="do not write a grid")
     p.add_argument("--ncol", type=int, default=None, help="grid columns (default: K classes, else √n)")
@@ -196,17 +223,21 @@ def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
     p.add_argument("--npz", default=None, help=".npz with uint8 images N×H×W×C under key 'images' (for fid.py)")
     p.add_argument("--gif", default=None, help="animated GIF of the first batch's trajectory (x_t | x̂_0)")
     p.add_argument("--gif-frames", type=int, default=50, help="about this many GIF frames (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     return p
 
 
-def run(args):
-    """Sample as the parsed flags say -> (images uint8 N×H×W×C, labels or None, resolved settings, config)."""
-    if args.n < 1 or args.batch_size < 1:
-        raise SystemExit("error: --n and --batch-size must be at least 1")
+def sample_from_args(args):
+    """Open args.ckpt, check the sampling flags and sample -> (images uint8 N×H×W×C, labels or None,
+    resolved settings, config, trajectory or None). Used by generate.py and by fid.py --ckpt."""
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be at least 1")
     device = pick_device(args.device)
     diffusion, config = open_checkpoint(args.ckpt, device)
-    steps, labels, _ = resolve_sampling(args, diffusion, config)
+    try:
+        steps, labels, _ = resolve_sampling(diffusion, config, sampler=args.sampler, steps=args.steps, n=args.n,
+                                            class_=args.class_, guidance=args.guidance)
+    except SamplingError as e:
+        raise SystemExit(f"error: --{e.setting}: {e}") from None
     dataset = config.get("dataset", "model")
     names = config.get("data", {}).get("class_names")
     label_desc = "unconditional"
@@ -219,12 +250,18 @@ def run(args):
                 "labels": label_desc, "guidance": args.guidance if labels is not None else None,
                 "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device)}
     print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
-
-    trajectory_every = max(1, steps // args.gif_frames) if args.gif else None
-    out = sample_images(diffusion, args.n, args.sampler, steps, args.eta, labels, args.guidance,
-                        args.batch_size, args.seed, trajectory_every=trajectory_every)
+    trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
+    out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels,
+                        guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
+                        trajectory_every=trajectory_every)
     images, trajectory = out if trajectory_every else (out, None)
+    return images, labels, resolved, config, trajectory
 
+
+def run(args):
+    """Sample as the parsed flags say and write the outputs -> (images, labels or None, resolved settings, config)."""
+    images, labels, resolved, config, trajectory = sample_from_args(args)
+    dataset, steps = resolved["dataset"], resolved["steps"]
     num_classes = config["model"].get("num_classes")
     ncol = args.ncol or (num_classes if labels is not None and args.class_ is None and args.n >= num_classes else None)
     if not args.no_grid:

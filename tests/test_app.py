@@ -1,10 +1,12 @@
 """The Gradio demo, driven through its API with gradio_client: the page serves grids of the right
 size and count, streams the reverse chain, and refuses inputs outside its limits."""
 
+import math
 import socket
 
 import gradio as gr
 import pytest
+import torch
 from gradio_client import Client
 from PIL import Image
 
@@ -41,9 +43,16 @@ def test_checkpoints_are_discovered_by_name(tmp_path):
     assert app.discover_checkpoints(tmp_path, ["a_ema.pt", "b.pt"]) == [app.Path("a_ema.pt"), app.Path("b.pt")]
 
 
+def grid_shape(n, image_size, padding=2):
+    """(height, width) of a grid of n images, ⌈√n⌉ a row, `padding` pixels around each."""
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols) * (image_size + padding) + padding, cols * (image_size + padding) + padding
+
+
 @pytest.mark.parametrize("n, rows, cols", [(1, 1, 1), (7, 3, 3), (16, 4, 4), (64, 8, 8)])
 def test_grid_is_ceil_sqrt_n_wide_with_padding(n, rows, cols):
-    assert app.grid_shape(n, 28) == (rows * 30 + 2, cols * 30 + 2)
+    x = torch.zeros(n, 1, 28, 28)
+    assert app.to_grid(x).shape == (rows * 30 + 2, cols * 30 + 2, 1) == (*grid_shape(n, 28), 1)
 
 
 @pytest.mark.parametrize("name, n, extra", [("uncond_ema", 5, ("ignored", 3.0)), ("cond_ema", 10, ("one", 2.0)),
@@ -53,7 +62,7 @@ def test_generate_streams_then_returns_a_grid_of_n_images(server, name, n, extra
     job = client.submit(name, "DDIM", 10, 0, n, *extra, api_name="/generate")
     xt, x0, final, png, status = job.result(timeout=60)
     assert len(job.outputs()) > 3                               # "loading", live frames, the result
-    height, width = app.grid_shape(n, SIZE)
+    height, width = grid_shape(n, SIZE)
     with Image.open(png) as grid:                               # the download: the grid at true size
         assert grid.size == (width, height) and grid.mode == "L"
     s = app.display_scale(height, width)

@@ -291,7 +291,7 @@ def test_ddim_eta_1_step_has_ddpm_posterior_mean_and_variance():
         xt = diffusion.q_sample(x0, t, torch.randn_like(x0))
 
         def one_step(z):
-            updates = diffusion._ddim_steps(xt, [step, step - 1], 1.0, None, 0.0, True, lambda: z, diffusion.model)
+            updates = diffusion._ddim_steps(xt, [step, step - 1], 1.0, None, 0.0, True, lambda: z)
             return next(updates)[1]
 
         mean = one_step(torch.zeros_like(x0))
@@ -312,7 +312,7 @@ def test_ddim_eta_1_first_sample_step_matches_posterior_empirically():
     for sampler, eta in [("ddim", 1.0), ("ddpm", 0.0)]:          # "ddpm" with steps < T is DDIM with η = 1
         steps = T if sampler == "ddim" else T // 2
         generator = torch.Generator().manual_seed(6)
-        t_now, x, _ = next(diffusion.sample_iter(n, sampler, steps=steps, eta=eta, x_T=x_T, generator=generator,
+        t_now, x, _ = next(diffusion.sample_iter(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, generator=generator,
                                                  progress=False))
         assert t_now == T - 1
         t_next = T - 2 if sampler == "ddim" else 7                     # ddim_timesteps(10, 5) = 9, 7, 4, 2, 0
@@ -330,7 +330,7 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
     x_T = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
 
     def run(eta, seed):
-        return diffusion.sample(4, "ddim", steps=10, eta=eta, x_T=x_T, generator=torch.Generator().manual_seed(seed),
+        return diffusion.sample(4, sampler="ddim", steps=10, eta=eta, x_T=x_T, generator=torch.Generator().manual_seed(seed),
                                 progress=False)
 
     assert torch.equal(run(0.0, 1), run(0.0, 2))
@@ -342,7 +342,7 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
 def test_ddpm_sampling_makes_exactly_T_model_calls():
     counter = CallCounter(WavyEps())
     diffusion = make_diffusion(counter, timesteps=20)
-    out = diffusion.sample(3, "ddpm", progress=False)
+    out = diffusion.sample(3, sampler="ddpm", progress=False)
     assert out.shape == (3, 1, 2, 2)
     assert len(counter.calls) == 20
     assert [int(t[0]) for t in counter.calls] == list(range(19, -1, -1))      # t = T−1 … 0
@@ -356,7 +356,7 @@ def test_ddpm_last_step_adds_no_noise():
     finals = []
     for seed in [1, 2]:
         states = [(None, x_T)] + [(t, x) for t, x, _ in diffusion.sample_iter(
-            4, "ddpm", x_T=x_T, generator=torch.Generator().manual_seed(seed), progress=False)]
+            4, sampler="ddpm", x_T=x_T, generator=torch.Generator().manual_seed(seed), progress=False)]
         for (_, x_prev), (t_now, x) in zip(states[:-1], states[1:]):
             t = torch.full((4,), t_now, dtype=torch.long)
             eps, _ = diffusion.model_predictions(x_prev, t)
@@ -377,7 +377,7 @@ def test_ddpm_step_noise_has_variance_sigma_squared(variance):
     betas, _, alpha_bar, alpha_bar_prev = reference("linear", T)
     sigma2 = ((1 - alpha_bar_prev) / (1 - alpha_bar) * betas if variance == "beta_tilde" else betas)[T - 1]
     x_T = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0)).expand(n, 1, 2, 2)
-    _, x, _ = next(diffusion.sample_iter(n, "ddpm", x_T=x_T, generator=torch.Generator().manual_seed(7),
+    _, x, _ = next(diffusion.sample_iter(n, sampler="ddpm", x_T=x_T, generator=torch.Generator().manual_seed(7),
                                          progress=False))
     t = torch.full((n,), T - 1, dtype=torch.long)
     noise = x - diffusion.p_mean(x_T, t, diffusion.model_predictions(x_T, t)[0])
@@ -389,7 +389,7 @@ def test_ddpm_step_noise_has_variance_sigma_squared(variance):
 def test_ddim_makes_exactly_steps_model_calls(sampler, steps):
     counter = CallCounter(WavyEps())
     diffusion = make_diffusion(counter, timesteps=50)
-    diffusion.sample(2, sampler, steps=steps, progress=False)
+    diffusion.sample(2, sampler=sampler, steps=steps, progress=False)
     ts = [int(t[0]) for t in counter.calls]
     assert len(ts) == steps
     assert ts[0] == 49 and ts == sorted(set(ts), reverse=True)              # distinct, descending, from T−1
@@ -410,10 +410,10 @@ def test_classifier_free_guidance_doubles_batch_and_mixes_1_plus_w_cond_minus_w_
 
     # in sampling: every call is doubled with guidance, single without it
     model.calls.clear()
-    diffusion.sample(4, "ddim", steps=5, labels=labels, guidance=w, progress=False)
+    diffusion.sample(4, sampler="ddim", steps=5, labels=labels, guidance=w, progress=False)
     assert [c[0] for c in model.calls] == [8] * 5
     model.calls.clear()
-    diffusion.sample(4, "ddim", steps=5, labels=labels, guidance=0.0, progress=False)
+    diffusion.sample(4, sampler="ddim", steps=5, labels=labels, guidance=0.0, progress=False)
     assert [c[0] for c in model.calls] == [4] * 5 and torch.equal(model.calls[0][2], labels)
 
 
@@ -462,3 +462,49 @@ def test_label_dropout_replaces_that_share_with_the_null_label():
 
     make_diffusion(model, cond_drop_prob=0.0).loss(torch.zeros(n, 1, 2, 2), labels)
     assert torch.equal(model.calls[-1][2], labels)
+
+
+# ----------------------------------------------------------------------------- which steps a sampler visits
+
+def test_sampling_timesteps_is_all_T_steps_for_ddpm_and_evenly_respaced_otherwise():
+    diffusion = make_diffusion(WavyEps(), timesteps=10)
+    assert diffusion.sampling_timesteps("ddpm") == list(range(9, -1, -1))          # Algorithm 2: t = T … 1
+    assert diffusion.sampling_timesteps("ddpm", 10) == list(range(9, -1, -1))
+    assert diffusion.sampling_timesteps("ddpm", 5) == [9, 7, 4, 2, 0]               # respaced chain
+    assert diffusion.sampling_timesteps("ddim") == list(range(9, -1, -1))          # default min(50, T)
+    assert diffusion.sampling_timesteps("ddim", 1) == [9]
+    for steps in range(1, 11):
+        ts = diffusion.sampling_timesteps("ddim", steps)
+        assert len(ts) == steps and ts[0] == 9 and (steps == 1 or ts[-1] == 0)
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 0), ("ddim", 11), ("ddpm", -1), ("ddim", 2.5), ("ddim", True),
+                                           ("heun", 5)])
+def test_sampling_timesteps_refuses_what_the_model_cannot_do(sampler, steps):
+    diffusion = make_diffusion(WavyEps(), timesteps=10)
+    with pytest.raises(ValueError, match="T = 10|unknown sampler"):
+        diffusion.sampling_timesteps(sampler, steps)
+    with pytest.raises(ValueError):
+        diffusion.sample(1, sampler=sampler, steps=steps, progress=False)
+
+
+def test_sample_settings_are_keyword_only():
+    diffusion = make_diffusion(WavyEps(), timesteps=10)
+    with pytest.raises(TypeError):
+        diffusion.sample(1, "ddim", 5)
+    with pytest.raises(TypeError):
+        next(diffusion.sample_iter(1, "ddim", 5))
+
+
+def test_eq12_weight_is_beta_squared_over_two_sigma_squared_alpha_one_minus_alpha_bar():
+    # DDPM eq. 12 with σ_t² = β_t (variance "beta"): λ_t = β_t / (2·α_t·(1 − ᾱ_t)), for t ≥ 1 (0-based).
+    betas = linear_beta_schedule(1000)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    diffusion = make_diffusion(WavyEps(), timesteps=1000, variance="beta")
+    t = torch.arange(1, 1000)
+    expected = betas[t] / (2 * (1 - betas[t]) * (1 - alpha_bar[t]))
+    assert torch.allclose(diffusion.eq12_weight(t).double(), expected, rtol=2e-3, atol=0)   # float32 buffers: 1 − ᾱ_t near t = 1
+    # L_simple drops a weight that is largest at small t: eq. 12 weights t = 1 more than t = T.
+    w = diffusion.eq12_weight(torch.tensor([1, 999]))
+    assert w[0] > 10 * w[1]

@@ -104,9 +104,13 @@ def test_ema_state_dict_round_trip():
     state = ema.state_dict()
     assert all(v.data_ptr() != ema.shadow[k].data_ptr() for k, v in state["shadow"].items())   # a copy
 
-    restored = EMA(Toy(), decay=0.1)
+    assert set(state) == {"shadow", "num_updates"}          # only what changes; decay and warmup are settings
+    restored = EMA(Toy(), decay=0.8, warmup=True)
     restored.load_state_dict(state)
     assert (restored.decay, restored.warmup, restored.num_updates) == (0.8, True, 5)
+    other = EMA(Toy(), decay=0.5)
+    other.load_state_dict(state)
+    assert (other.decay, other.warmup) == (0.5, False)       # the constructor's settings stay
     for name, value in ema.shadow.items():
         assert torch.equal(restored.shadow[name], value), name
     # and the two continue identically
@@ -126,9 +130,9 @@ def test_ema_state_dict_survives_torch_save_weights_only(tmp_path):
     set_params(model, 3.0)
     ema.update(model)
     torch.save(ema.state_dict(), tmp_path / "ema.pt")
-    restored = EMA(Toy(), decay=0.5)
+    restored = EMA(Toy(), decay=0.9)
     restored.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
-    assert restored.decay == 0.9 and restored.num_updates == 1
+    assert restored.num_updates == 1
     assert torch.equal(restored.shadow["linear.bias"], ema.shadow["linear.bias"])
 
 

@@ -1,0 +1,106 @@
+"""What a training run leaves to look at: <log-dir>/<run>/log.csv, eval.csv, loss.png and, when
+the tensorboard package is installed (or --tensorboard), a TensorBoard event log beside them:
+
+    tensorboard --logdir runs          # loss, lr, grad norm, img/s, sample grids, proxy FID
+"""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def tensorboard_writer(folder, wanted):
+    """A torch.utils.tensorboard SummaryWriter in folder, or None. wanted: True (required: a clear
+    error without the package), False (off) or None (on when the package is installed)."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if wanted:
+            raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or run without --tensorboard; log.csv and loss.png are written anyway)") from None
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+class RunLog:
+    """log.csv (one row per --log-every steps), eval.csv and loss.png under <log-dir>/<run>/."""
+
+    FIELDS = ["step", "loss", "grad_norm", "lr", "img_per_s", "minutes", "nan_skipped"]
+
+    def __init__(self, folder, resume_step=None, tensorboard=None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tb = tensorboard_writer(self.folder, tensorboard)
+        self.rows = self._read("log.csv", resume_step)
+        self.eval_rows = self._read("eval.csv", resume_step)
+        self._write("log.csv", self.FIELDS, self.rows)
+        if self.eval_rows:
+            self._write("eval.csv", list(self.eval_rows[0]), self.eval_rows)
+
+    def _read(self, name, resume_step):
+        """On resume keep the rows up to the checkpoint's step (later ones were never saved)."""
+        path = self.folder / name
+        if resume_step is None or not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
+
+    def _write(self, name, fields, rows):
+        with open(self.folder / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def log(self, row):
+        self.rows.append(row)
+        with open(self.folder / "log.csv", "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS, extrasaction="ignore").writerow(row)
+        self._scalars("train", row)
+
+    def log_eval(self, row):
+        self.eval_rows.append(row)
+        self._write("eval.csv", list(row), self.eval_rows)
+        self._scalars("eval", row)
+
+    def log_grid(self, step, grid):
+        """A sample grid, (H, W, C) uint8, into TensorBoard's image tab."""
+        if self.tb is not None:
+            self.tb.add_image("samples", np.ascontiguousarray(grid), step, dataformats="HWC")
+            self.tb.flush()
+
+    def _scalars(self, group, row):
+        if self.tb is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{group}/{key}", value, int(row["step"]))
+        self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+    def plot(self, title):
+        if not self.rows:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        steps = [int(float(r["step"])) for r in self.rows]
+        loss = [float(r["loss"]) for r in self.rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss (mean over --log-every steps)")
+        k = max(1, len(loss) // 20)                                         # moving average
+        if len(loss) > k > 1:
+            smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+            ax.plot(steps, smooth, lw=1.5, label=f"moving average of {k}")
+        ax.set(xlabel="step", ylabel="L_simple (MSE)", yscale="log", title=title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.folder / "loss.png", dpi=100)
+        plt.close(fig)

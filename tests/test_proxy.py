@@ -1,0 +1,80 @@
+"""proxy.py: the proxy network, trained for a few iterations on real MNIST and on unlabelled
+images, and fid.proxy_metrics, the trainer's evaluation hook built on it."""
+
+import numpy as np
+import pytest
+import torch
+
+import fid
+import proxy
+from data import load_split
+
+
+TINY_TRAIN = {"limit": 300, "max_iters": 25, "batch_size": 64}
+
+
+@pytest.fixture
+def mnist_proxy(data_dir, tmp_path):
+    path = proxy.train_proxy("mnist", data_dir, tmp_path, **TINY_TRAIN)
+    return proxy.Proxy(path)
+
+
+def test_proxy_features_real_vs_real_small_real_vs_noise_large(mnist_proxy, data_dir):
+    real, labels, _ = load_split("mnist", data_dir, split="test", limit=600)
+    a, b = real[0::2], real[1::2]
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fa, pa = mnist_proxy.features(a)
+    fb, _ = mnist_proxy.features(b)
+    fn, pn = mnist_proxy.features(noise)
+    real_real = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fb))
+    real_noise = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fn))
+    assert fa.shape == (300, 128) and pa.shape == (300, 10)
+    assert real_noise > 10 * real_real
+    for probs in (pa, pn):
+        assert 0 <= fid.confident_share(probs) <= 1 and 0 <= fid.class_coverage(probs) <= 1
+    assert mnist_proxy.config["task"] == "classes" and 0 <= mnist_proxy.config["test_accuracy"] <= 1
+
+
+def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
+    from checkpoint import load_for_sampling
+    diffusion, config = load_for_sampling(tiny_checkpoint(num_classes=10, class_names=[str(i) for i in range(10)]))
+    ckpt_dir = tmp_path / "ck"
+    m = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+                          ref_limit=400, proxy_train_kwargs=TINY_TRAIN)
+    assert "training proxy classifier for mnist" in capsys.readouterr().out
+    assert (ckpt_dir / "proxy_mnist.pt").exists() and list((ckpt_dir / "fid_stats").glob("mnist_train_8px_400_*.npz"))
+    assert set(m) == {"proxy_fid", "confident", "coverage", "n", "sampler", "steps"}
+    assert m["proxy_fid"] > 0 and 0 <= m["confident"] <= 1 and 0 <= m["coverage"] <= 1
+    assert (m["n"], m["sampler"], m["steps"]) == (40, "ddim", 3)
+    again = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+                              ref_limit=400)
+    assert again == m                                        # seeded noise, cached proxy and statistics
+    assert "training" not in capsys.readouterr().out
+
+
+def test_unlabelled_data_gets_a_rotation_proxy_without_confidence(tmp_path):
+    # smooth blobs, so that a rotation is visible (pure noise would look the same turned)
+    yy, xx = np.mgrid[0:16, 0:16]
+    rng = np.random.RandomState(0)
+    images = np.stack([np.clip(255 * np.exp(-((xx - cx) ** 2 + (yy - 3 - cy) ** 2) / 8.0), 0, 255)
+                       for cx, cy in rng.randint(3, 12, (120, 2))]).astype(np.uint8)[..., None].repeat(3, -1)
+    dataset = str(tmp_path / "blobs.npz")
+    np.savez(dataset, images=images)
+    path = proxy.train_proxy(dataset, ckpt_dir=tmp_path, max_iters=5, batch_size=32)
+    net = proxy.Proxy(path)
+    feats, probs = net.features(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert net.config["task"] == "rotation" and "rotation" in net.description
+    assert feats.shape == (120, 128) and probs is None
+
+
+def test_cli_proxy_scores_an_npz_of_samples(mnist_proxy, data_dir, tmp_path, capsys):
+    real, _, _ = load_split("mnist", data_dir, split="test", limit=50)
+    samples = tmp_path / "s.npz"
+    np.savez(samples, images=real.permute(0, 2, 3, 1).numpy(), sampler=np.asarray("ddim"), steps=np.asarray(50))
+    ckpt_dir = mnist_proxy.path.rsplit("/", 1)[0]
+    result = fid.main(["--samples", str(samples), "--dataset", "mnist", "--split", "test", "--ref-limit", "500", "--proxy",
+                       "--ckpt-dir", ckpt_dir, "--kid-subset-size", "50", "--kid-subsets", "2", "--device", "cpu",
+                       "--data-dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert "proxy FID (not comparable with papers)" in out and "n=50 vs mnist test (500 images), sampler=ddim, steps=50" in out
+    assert 0 <= result["confident"] <= 1 and 0 <= result["coverage"] <= 1
