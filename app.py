@@ -156,6 +156,7 @@ class App:
         self.infos, self.device = infos, torch.device(device)
         self.models = ModelCache()
         self.call_seconds = {}      # (path, device, batch) -> seconds for one network call
+        self.calibration = {}       # path -> (seconds a whole run took) / (its network calls' time)
         self.out_dir = tempfile.mkdtemp(prefix="ddpm_app_")
         atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)
 
@@ -219,6 +220,19 @@ class App:
             self.call_seconds[key] = min(times)
         return self.call_seconds[key]
 
+    def estimate_seconds(self, info, calls, n, guidance):
+        """Seconds for a whole run: the network calls, timed on this device, scaled by what the last
+        real run of this model took beyond them (the sampler's arithmetic, the live frames)."""
+        batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
+        return calls * self.seconds_per_call(info, batch) * self.calibration.get(info["path"], 1.0), batch
+
+    def calibrate(self, info, calls, n, guidance, seconds):
+        """After a real run: remember how its time compared with the network calls' alone."""
+        batch = 2 * n if guidance else n
+        key = (info["path"], str(self.device), batch)
+        if key in self.call_seconds and calls:
+            self.calibration[info["path"]] = max(1.0, seconds / (calls * self.call_seconds[key]))
+
     def estimate(self, name, sampler, steps, n, class_name, guidance):
         """Markdown: how long a run with these settings will take."""
         try:
@@ -226,10 +240,24 @@ class App:
                                                                            guidance)
         except gr.Error as e:
             return f"⚠️ {e.message}"
-        batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
-        per_call = self.seconds_per_call(info, batch)
-        return (f"Estimated time: **≈ {calls * per_call:.1f} s** on {self.device.type} "
-                f"({calls} network calls × {1000 * per_call:.0f} ms at batch {batch}).")
+        seconds, batch = self.estimate_seconds(info, calls, n, guidance)
+        how = ("calibrated on the last run" if info["path"] in self.calibration
+               else "network calls only; calibrated after the first run")
+        return (f"Estimated time: **≈ {seconds:.1f} s** on {self.device.type} "
+                f"({calls} network calls at batch {batch}; {how}).")
+
+    def default_seconds(self, name):
+        """A default run's estimated seconds (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_IMAGES) for this model."""
+        info = self.infos[name]
+        calls = len(self.models.get(info["path"], self.device).sampling_timesteps(
+            SAMPLERS[DEFAULT_SAMPLER], min(DEFAULT_STEPS, info["T"])))
+        guidance = DEFAULT_GUIDANCE if info["num_classes"] else 0.0
+        return self.estimate_seconds(info, calls, DEFAULT_IMAGES, guidance)[0]
+
+    def model_choices(self):
+        """[(label with the default run's estimate, name)], fastest first: the page opens on the first."""
+        seconds = {name: self.default_seconds(name) for name in self.infos}
+        return [(f"{name} · ≈ {seconds[name]:.1f} s a run here", name) for name in sorted(seconds, key=seconds.get)]
 
     # ------------------------------------------------------------------ model choice
 
@@ -276,8 +304,9 @@ class App:
                 yield (to_display(to_grid(x)), to_display(to_grid(x0)), None, None,
                        f"Step {k + 1}/{total} (t = {t}) · {elapsed:.1f} s, about {left:.1f} s left")
         sync(self.device)
-        seconds = time.perf_counter() - start
         grid = to_grid(x)
+        seconds = time.perf_counter() - start
+        self.calibrate(info, total, n, guidance, seconds)
         what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance:g}" if info["num_classes"] else "")
         png = save_png(grid, self.out_dir, f"{name}_{what}")
         shown = to_display(grid)
@@ -298,11 +327,13 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
             return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
         app = App(infos, device)
-        first = next(iter(infos.values()))
+        choices = app.model_choices()                     # fastest on this device first
+        first = infos[choices[0][1]]
         conditional = bool(first["num_classes"])
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                model = gr.Dropdown(list(infos), value=next(iter(infos)), label="Model")
+                model = gr.Dropdown(choices, value=choices[0][1], label="Model",
+                                    info="fastest on this device first; the time is for the default settings")
                 about = gr.Markdown(app.model_markdown(first))
                 if warning:
                     gr.Markdown(warning)

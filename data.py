@@ -16,8 +16,8 @@ uninterrupted run would have seen, and under DDP every rank takes its own slice 
 import functools
 import hashlib
 import os
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,17 +92,24 @@ def load_npz(path):
 
 
 def _load_torchvision(name, root, train):
-    """The torchvision datasets, downloaded into root when the network allows."""
+    """The torchvision datasets, downloaded into root when the network allows. Offline, the error
+    says where the offline copy was looked for and how to point at one; no empty folder is left."""
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    existed = {p for p in [root, *root.rglob("*")] if p.is_dir()} if root.exists() else set()
     try:
         ds = cls(root=str(root), train=train, download=True)
     except Exception as e:      # offline, firewall, ...
+        for folder in sorted({p for p in root.rglob("*") if p.is_dir()} - existed, reverse=True) if root.exists() else []:
+            if not any(folder.iterdir()):
+                folder.rmdir()                      # what the failed download created, and left empty
+        if root.exists() and root not in existed and not any(root.iterdir()):
+            root.rmdir()
         split = "train" if train else "test"
         raise FileNotFoundError(
-            f"{name}: no {root / f'{name}_{split}.npz'} and torchvision could not download it "
-            f"({type(e).__name__}: {e}). Pass --data-dir (or set DDPM_DATA) to a folder holding "
-            f"{name}_{split}.npz, e.g. ../shared/data on the project machines.") from None
+            f"{name}: found no {root / f'{name}_{split}.npz'}, and torchvision could not download {name} into "
+            f"{root}/ ({type(e).__name__}; offline?). Point --data-dir or the DDPM_DATA variable at a folder "
+            f"holding {name}_{split}.npz, e.g. DDPM_DATA=path/to/data python {'train_mnist.py' if name == 'mnist' else 'train_cifar.py'}.") from None
     x = torch.as_tensor(np.asarray(ds.data))
     if x.ndim == 3:
         x = x[..., None]
@@ -158,7 +165,7 @@ def load_image(path, image_size):
 def load_image_folder(folder, image_size=64):
     """Every readable image under folder (recursively, in sorted order) -> uint8 (N, 3, size, size).
 
-    Files that are not images or do not decode are skipped and counted in one warning."""
+    Files that are not images or do not decode are skipped and counted in one plain note on stderr."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     # Decoding 30k photos takes minutes: the result is cached, keyed by every file's name, size and time.
@@ -176,8 +183,8 @@ def load_image_folder(folder, image_size=64):
         except Exception:      # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
             skipped.append(p.name)
     if skipped:
-        warnings.warn(f"{folder}: skipped {len(skipped)} of {len(files)} files that are not readable images "
-                      f"(e.g. {', '.join(skipped[:3])})", stacklevel=2)
+        print(f"note: {folder}: skipped {len(skipped)} of {len(files)} files that are not readable images "
+              f"(e.g. {', '.join(skipped[:3])})", file=sys.stderr)
     if not images:
         raise FileNotFoundError(
             f"no readable images in {folder} ({len(files)} files looked at). Put .jpg/.png images in it "

@@ -212,11 +212,12 @@ def add_sampling_args(p, n=64):
     return p
 
 
-def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64):
+def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
+                 grid="samples/<dataset>_<sampler><steps>.png"):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
     add_sampling_args(p, n)
-    p.add_argument("--grid", default=None, help="grid PNG (default: samples/<dataset>_<sampler><steps>.png)")
+    p.add_argument("--grid", default=None, help=f"grid PNG (default: {grid})")
     p.add_argument("--no-grid", action="store_true", help="do not write a grid")
     p.add_argument("--ncol", type=int, default=None, help="grid columns (default: K classes, else √n)")
     p.add_argument("--out", default=None, help="folder for one PNG per image (00000.png, …)")

@@ -11,12 +11,13 @@ plain 10×10 grid. The default sampler is the paper's (DDPM, all 1000 steps: FID
 Table 1); --sampler ddim --steps 100 is 10× faster. All other flags are generate.py's.
 """
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 import generate
+
+GRID = "samples/<dataset>_grid_<sampler><steps>.png"      # the default grid path
 
 
 def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
@@ -41,7 +42,7 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
 
 
 def main(argv=None):
-    p = generate.build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100)
+    p = generate.build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID)
     p.add_argument("--per-class", type=int, default=10, help="images per class row in the labelled grid (default: 10)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the grid by this integer factor (default: 1)")
     args = p.parse_args(argv)
@@ -49,7 +50,8 @@ def main(argv=None):
     images, labels, resolved, config = generate.run(args)
     if not want_grid:
         return
-    grid_path = args.grid or os.path.join("samples", f"{resolved['dataset']}_grid_{args.sampler}{resolved['steps']}.png")
+    grid_path = args.grid or GRID.replace("<dataset>", resolved["dataset"]).replace(
+        "<sampler>", args.sampler).replace("<steps>", str(resolved["steps"]))
     generate._parent(grid_path)
     class_names = config.get("data", {}).get("class_names")
     if labels is not None and args.class_ is None:

@@ -10,17 +10,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Datasets: $DDPM_DATA if set, else the offline copies in ../shared/data beside the checkout.
-if "DDPM_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
+DATA_SET_BY_USER = "DDPM_DATA" in os.environ
+if not DATA_SET_BY_USER and (ROOT.parent / "shared" / "data").is_dir():
     os.environ["DDPM_DATA"] = str(ROOT.parent / "shared" / "data")
+DATA_DIR = Path(os.environ.get("DDPM_DATA", ROOT / "data"))
+DATA_MISSING = (f"real-data tests skipped: no mnist_train.npz in {DATA_DIR}. Point DDPM_DATA at the folder of "
+                "offline .npz copies (DDPM_DATA=path/to/data python -m pytest -q) to run them")
+skipped_for_data = []
 
 
 @pytest.fixture
 def data_dir():
-    """The folder with mnist_train.npz etc.; tests that need real data skip without it."""
-    path = Path(os.environ.get("DDPM_DATA", ROOT / "data"))
-    if not (path / "mnist_train.npz").exists():
-        pytest.skip(f"offline datasets not found in {path}; set DDPM_DATA to the folder with mnist_train.npz")
-    return path
+    """The folder with mnist_train.npz etc. Without it, tests that need real data skip, and the
+    summary says so in one line; with DDPM_DATA set to a wrong folder they fail instead."""
+    if not (DATA_DIR / "mnist_train.npz").exists():
+        if DATA_SET_BY_USER:
+            pytest.fail(f"DDPM_DATA={os.environ['DDPM_DATA']} holds no mnist_train.npz; fix DDPM_DATA or unset it")
+        skipped_for_data.append(1)
+        pytest.skip(DATA_MISSING)
+    return DATA_DIR
+
+
+def pytest_terminal_summary(terminalreporter):
+    if skipped_for_data:
+        terminalreporter.write_line(f"{len(skipped_for_data)} {DATA_MISSING}", yellow=True, bold=True)
 
 
 def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=20, objective="eps",

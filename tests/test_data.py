@@ -39,15 +39,19 @@ def test_npz_file_is_a_dataset_and_can_be_resized(tmp_path):
     assert small.shape == (5, 3, 8, 8) and small.dtype == torch.uint8
 
 
-def test_image_folder_handles_rgba_grey_odd_sizes_and_corrupt_files(tmp_path):
+def test_image_folder_handles_rgba_grey_odd_sizes_and_corrupt_files(tmp_path, capsys):
     Image.new("RGBA", (50, 30), (255, 0, 0, 0)).save(tmp_path / "transparent.png")   # fully transparent red
     (tmp_path / "sub").mkdir()
     Image.new("L", (17, 90), 100).save(tmp_path / "sub" / "grey_tall.jpg")
     Image.fromarray(np.full((33, 21, 3), (0, 0, 255), np.uint8)).save(tmp_path / "blue_odd.bmp")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="skipped 2 of 5 files"):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # a plain note, never a Python warning
         images, labels, class_names = data.load_dataset(str(tmp_path), image_size=16)
+    err = capsys.readouterr().err
+    assert "skipped 2 of 5 files" in err and "data.py" not in err and "Warning" not in err
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
     assert labels is None and class_names is None
     centre = images[:, :, 8, 8].tolist()                     # sorted order: blue_odd, sub/grey_tall, transparent
@@ -56,9 +60,23 @@ def test_image_folder_handles_rgba_grey_odd_sizes_and_corrupt_files(tmp_path):
 
 def test_empty_image_folder_says_what_to_do(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match="no readable images.*Put .jpg/.png images in it"), \
-            pytest.warns(UserWarning):
+    with pytest.raises(FileNotFoundError, match="no readable images.*Put .jpg/.png images in it"):
         data.load_dataset(str(tmp_path))
+
+
+def test_offline_named_dataset_says_where_and_how_in_one_paragraph_and_leaves_no_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):                       # what torchvision does without a network
+        (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3]>")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "__init__", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_dataset("mnist", tmp_path / "data")
+    message = str(e.value)
+    assert "mnist_train.npz" in message and "DDPM_DATA" in message and "--data-dir" in message
+    assert "\n" not in message and "http" not in message and "project machines" not in message
+    assert not (tmp_path / "data").exists()                  # no empty MNIST/raw left behind
 
 
 def test_unknown_dataset_name_lists_the_choices():
