@@ -27,14 +27,18 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, keep=None):
+        """One step of θ_ema ← d·θ_ema + (1 − d)·θ. keep: an optional 0-d bool tensor on the
+        device; where it is False the average does not move (a skipped step), decided on the
+        device without a host synchronisation. The update count advances either way."""
         d = self.current_decay()
         self.num_updates += 1
         state = model.state_dict()
         averaged = [k for k in state if k in self.param_names and state[k].is_floating_point()]
         theta_ema, theta = [self.shadow[k] for k in averaged], [state[k].detach().float() for k in averaged]
+        weight = 1.0 - d if keep is None else (1.0 - d) * keep.float()
         # One fused multi-tensor kernel (torch.optim's own fast path), not one launch per tensor.
-        torch._foreach_lerp_(theta_ema, theta, 1.0 - d)                   # θ_ema += (1 − d)·(θ − θ_ema)
+        torch._foreach_lerp_(theta_ema, theta, weight)                    # θ_ema += (1 − d)·(θ − θ_ema)
         for k in state.keys() - set(averaged):
             self.shadow[k].copy_(state[k])                                # buffers: copied
 

@@ -255,7 +255,7 @@ def _main(args, parser):
         images, _, resolved, config, _ = generate.sample_from_args(args)
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
         dataset = args.dataset or config["dataset"]
-        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"]}
+        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"]}
     else:
         images, meta = load_samples(args.samples)
         dataset = args.dataset or meta.get("dataset")
@@ -289,7 +289,8 @@ def _main(args, parser):
     result = {("proxy_fid" if args.proxy else "fid"): s["fd"], ("proxy_kid" if args.proxy else "kid"): s["kid"],
               "kid_std": s["kid_std"], "confident": s["confident"], "coverage": s["coverage"], "n": n,
               "sampler": meta.get("sampler"), "steps": meta.get("steps"), "dataset": dataset, "split": args.split,
-              "n_ref": n_ref, "features": extractor.description, "label": label, "seconds": seconds}
+              "n_ref": n_ref, "features": extractor.description, "label": label, "seconds": seconds,
+              "sample_seconds": meta.get("sample_seconds")}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

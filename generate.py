@@ -19,12 +19,13 @@ are shared with generate_cifar.py, fid.py and app.py.
 import argparse
 import math
 import os
+import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint import CheckpointError, load_for_sampling, pick_device
+from checkpoint import CheckpointError, load_for_sampling, pick_device, synchronize
 from diffusion import SAMPLERS
 
 
@@ -252,9 +253,13 @@ def sample_from_args(args):
                 "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device)}
     print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
     trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
+    t0 = time.perf_counter()
     out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels,
                         guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
                         trajectory_every=trajectory_every)
+    synchronize(device)
+    resolved["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"sampled {args.n} images in {resolved['seconds']} s ({args.n / max(resolved['seconds'], 1e-9):.1f} img/s)")
     images, trajectory = out if trajectory_every else (out, None)
     return images, labels, resolved, config, trajectory
 

@@ -34,14 +34,14 @@ DEFAULTS = dict(
     # system
     seed=0, device="auto", amp=True, compile=False, num_workers=4,
     # test hooks (hidden from --help)
-    debug_nan_steps=[], debug_dump_dir=None,
+    debug_nan_steps=[], debug_dump_dir=None, debug_sync_free=False,
 )
 # Settings that fix the weights' shapes or the diffusion process: a resumed run must keep them.
 ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
              "attn_resolutions", "timesteps", "schedule", "objective", "variance")
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
-                "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir")
+                "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
 
 
 # ----------------------------------------------------------------------------- value types
@@ -174,6 +174,7 @@ def build_parser(defaults, presets, description):
                                                      "on the GPU")
     g.add_argument("--debug-nan-steps", type=int_list, help=argparse.SUPPRESS)     # test hook
     g.add_argument("--debug-dump-dir", help=argparse.SUPPRESS)
+    g.add_argument("--debug-sync-free", action="store_true", help=argparse.SUPPRESS)   # the CUDA step, on a CPU
     for name, (_, help_text) in presets.items():
         p.add_argument(f"--{name}", action="store_true", help=f"preset: {help_text}")
     p.set_defaults(**defaults)

@@ -164,6 +164,51 @@ class Run:
         self.step, self.nan_skipped, self.nan_streak, self.train_seconds = 0, 0, 0, 0.0
         self.seconds_per_image_step = None      # one network call per image, measured while training
         self.runlog = None
+        # CUDA: a step never waits for the host; elsewhere the skip decision is a free host check.
+        self.sync_free = device.type == "cuda" or args.debug_sync_free
+        # Device-side sums since the last log row: loss, grad norm, finite steps; and non-finite steps
+        # since the last look, with the current run of them in a row.
+        self.sums = torch.zeros(5, device=device)
+
+    def apply_step(self, loss, grad_norm):
+        """DDPM Alg. 1's gradient step on θ and the EMA update, unless the gradient is not finite."""
+        ok = torch.isfinite(grad_norm)
+        if self.sync_free:                     # fused AdamW skips its update where found_inf = 1
+            self.opt.found_inf = (~ok).float()
+            self.opt.step()                                             # Alg. 1: gradient step on θ
+            self.ema.update(self.model, keep=ok)                       # θ_ema ← d·θ_ema + (1 − d)·θ
+        elif ok:
+            self.opt.step()                                             # Alg. 1: gradient step on θ
+            self.ema.update(self.model)                                 # θ_ema ← d·θ_ema + (1 − d)·θ
+        bad = (~ok).float()
+        finite = torch.stack([loss.detach().float(), grad_norm.detach().float()]).nan_to_num(0.0, 0.0, 0.0)
+        self.sums[:2] += finite * (1 - bad)
+        self.sums[2] += 1 - bad
+        self.sums[3] += bad
+        self.sums[4] = (self.sums[4] + 1) * bad                         # non-finite steps in a row
+
+    def read_nans(self, say):
+        """Bring the device's count of non-finite steps to the host (a synchronisation): report them,
+        and abort after --max-nan-steps in a row. The weights were never touched by them."""
+        new, streak = (int(v) for v in self.sums[3:].tolist())
+        self.nan_streak = streak
+        if not new:
+            return
+        self.nan_skipped += new
+        self.sums[3] = 0
+        say(f"step {self.step}: {new} non-finite step(s) skipped ({streak} in a row, {self.nan_skipped} in all)")
+        if streak >= self.args.max_nan_steps:
+            raise SystemExit(f"aborting: {streak} non-finite steps in a row at step {self.step}. The weights were "
+                             f"not touched by them; the last checkpoint is {self.ckpt_path}. Try a lower --lr, "
+                             "a longer --warmup-steps, or --no-amp.")
+
+    def log_row(self, lr, img_s):
+        """The log row of the steps since the last one (reads the device sums: a synchronisation)."""
+        loss_sum, gnorm_sum, n_ok = self.sums[:3].tolist()
+        self.sums[:3] = 0
+        return {"step": self.step, "loss": loss_sum / n_ok if n_ok else math.nan,
+                "grad_norm": gnorm_sum / n_ok if n_ok else math.nan, "lr": lr, "img_per_s": img_s,
+                "minutes": self.train_seconds / 60, "nan_skipped": self.nan_skipped}
 
     def save(self):
         """Full state to <run>.pt and the EMA weights to <run>_ema.pt, atomically; never non-finite weights."""
@@ -289,7 +334,7 @@ def build_run(args, explicit, device, rank, world, say):
     model = UNet(**config["model"]).to(device)
     diffusion = GaussianDiffusion(model, **config["diffusion"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda" or args.debug_sync_free)
     ema = EMA(model, args.ema_decay, warmup=args.ema_warmup)      # decay and warmup: from the flags, always
     train_model = model
     if device.type == "cuda":
@@ -363,13 +408,14 @@ def train(args, explicit):
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     pbar = budget.bar(args.steps, run.step, args.run_name, disable=not master)
-    t_loop, t_log, n_log, loss_sum, gnorm_sum, n_ok = time.time(), time.time(), 0, 0.0, 0.0, 0
+    t_loop, t_log, n_log = time.time(), time.time(), 0
     train_seconds_before, first_step = run.train_seconds, run.step
+    if run.step:
+        run.sums[4] = run.nan_streak
     reason = "reached --steps"
     try:
         while run.step < args.steps:
             # ------------------------------------------------ the step: DDPM Algorithm 1
-            t_step = time.perf_counter()
             x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -385,40 +431,29 @@ def train(args, explicit):
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
             run.step += 1
             # With DDP the gradients are already averaged, so every rank takes the same decision.
-            # (This check is the loop's one host synchronisation: a NaN step must not touch θ.)
-            if torch.isfinite(grad_norm):
-                run.opt.step()                                                  # Alg. 1: gradient step on θ
-                run.ema.update(run.model)                                       # θ_ema ← d·θ_ema + (1 − d)·θ
-                run.nan_streak = 0
-                loss_sum, gnorm_sum, n_ok = loss_sum + loss.item(), gnorm_sum + grad_norm.item(), n_ok + 1
-            else:
-                run.nan_skipped, run.nan_streak = run.nan_skipped + 1, run.nan_streak + 1
-                if master:
-                    tqdm.write(f"step {run.step}: loss {loss.item()}, gradient norm {grad_norm.item()}: skipped "
-                               f"({run.nan_streak} in a row, {run.nan_skipped} in all)")
-                if run.nan_streak >= args.max_nan_steps:
-                    raise SystemExit(f"aborting: {run.nan_streak} non-finite steps in a row at step {run.step}. The "
-                                     f"weights were not touched by them; the last checkpoint is {run.ckpt_path}. "
-                                     "Try a lower --lr, a longer --warmup-steps, or --no-amp.")
-            # one training step ≈ 3 network calls (forward + backward) per image
-            step_seconds = time.perf_counter() - t_step
-            per_image = step_seconds / (3 * x0.shape[0])
-            run.seconds_per_image_step = per_image if run.seconds_per_image_step is None else (
-                0.9 * run.seconds_per_image_step + 0.1 * per_image)
+            run.apply_step(loss, grad_norm)
+            say_all = tqdm.write if master else (lambda *a: None)
+            if not run.sync_free:
+                run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
             run.train_seconds = train_seconds_before + time.time() - t_loop
             budget.advance(pbar, run.step)
             n_log += 1
 
             # ------------------------------------------------ periodic jobs
             t_pause = time.time()
-            if master and (run.step % args.log_every == 0 or run.step == first_step + 1 or run.step == args.steps):
-                img_s = n_log * args.batch_size / max(time.time() - t_log, 1e-9)
-                row = {"step": run.step, "loss": loss_sum / n_ok if n_ok else math.nan,
-                       "grad_norm": gnorm_sum / n_ok if n_ok else math.nan, "lr": lr, "img_per_s": img_s,
-                       "minutes": run.train_seconds / 60, "nan_skipped": run.nan_skipped}
-                run.runlog.log(row)
-                pbar.set_postfix(step=run.step, loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}", lr=f"{lr:.2g}")
-                loss_sum, gnorm_sum, n_ok, t_log, n_log = 0.0, 0.0, 0, time.time(), 0
+            log_now = run.step % args.log_every == 0 or run.step == first_step + 1 or run.step == args.steps
+            if log_now:
+                if run.sync_free:
+                    run.read_nans(say_all)
+                seconds = max(time.time() - t_log, 1e-9)
+                img_s = n_log * args.batch_size / seconds
+                run.seconds_per_image_step = seconds / (3 * n_log * args.batch_size)   # a step ≈ 3 network calls
+                row = run.log_row(lr, img_s)
+                if master:
+                    run.runlog.log(row)
+                    pbar.set_postfix(step=run.step, loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}", lr=f"{lr:.2g}")
+                t_log, n_log = time.time(), 0
+                t_pause = t_log
             sample_now = args.sample_every and run.step % args.sample_every == 0 and run.step < args.steps
             eval_now = args.eval_every and run.step % args.eval_every == 0
             if sample_now and master:
@@ -429,11 +464,12 @@ def train(args, explicit):
             if world > 1 and (sample_now or eval_now):
                 dist.barrier()                              # the other ranks wait for rank 0
             if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
+                run.read_nans(say_all)
                 run.save()
             t_log += time.time() - t_pause                 # img/s counts training time only
 
-            # Stop early enough that saving and the final grid still fit in --max-minutes.
-            reserve = 2 * step_seconds + 2.0
+            # Stop early enough that saving still fits in --max-minutes (the final grid sizes itself).
+            reserve = 2 * 3 * args.batch_size * (run.seconds_per_image_step or 0.0) + 2.0
             if any_rank(budget.left() <= reserve or stop["signal"] is not None, device, world):
                 reason = stop["signal"] or f"--max-minutes {args.max_minutes} used up"
                 break
@@ -443,6 +479,7 @@ def train(args, explicit):
             signal.signal(s, h)
 
     # ---------------------------------------------------------------- the end: save, grid, plot
+    run.read_nans(say)
     if master:
         say(f"=== saving {run.ckpt_path} …")
     run.save()

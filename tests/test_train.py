@@ -184,3 +184,29 @@ def test_eval_hook_logs_proxy_metrics_without_touching_the_training_rng(data_dir
     b = torch.load(without / "mnist.pt", weights_only=True)
     for key in ("model", "ema", "rng"):
         tensors_equal(a[key], b[key], key)
+
+
+def test_sync_free_step_skips_a_nan_on_the_device_and_aborts_a_run_of_them(data_dir, tmp_path):
+    """The CUDA step (no host synchronisation per step: fused AdamW's found_inf, a gated EMA), run on
+    the CPU: a NaN at step 2 leaves the weights, the Adam moments and the average as after step 1."""
+    one = run(train_mnist, tmp_path / "one", "--steps", "1", "--debug-sync-free")
+    nan = run(train_mnist, tmp_path / "nan", "--steps", "2", "--debug-nan-steps", "2", "--debug-sync-free")
+    a = torch.load(one / "mnist.pt", weights_only=True)
+    b = torch.load(nan / "mnist.pt", weights_only=True)
+    assert b["nan_skipped"] == 1 and b["step"] == 2
+    tensors_equal(a["model"], b["model"], "model")
+    tensors_equal(a["ema"]["shadow"], b["ema"]["shadow"], "EMA")
+    tensors_equal(a["optimizer"]["state"], b["optimizer"]["state"], "Adam moments and step counts")
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
+        run(train_mnist, tmp_path / "abort", "--steps", "5", "--debug-nan-steps", "1,2", "--max-nan-steps", "2",
+            "--debug-sync-free")
+
+
+def test_sync_free_resume_continues_bit_for_bit(data_dir, tmp_path):
+    whole = run(train_mnist, tmp_path / "whole", "--steps", "4", "--debug-sync-free")
+    split = run(train_mnist, tmp_path / "split", "--steps", "2", "--debug-sync-free")
+    run(train_mnist, tmp_path / "split", "--steps", "4", "--resume", "--debug-sync-free")
+    a = torch.load(whole / "mnist.pt", weights_only=True)
+    b = torch.load(split / "mnist.pt", weights_only=True)
+    for key in ("model", "ema", "optimizer", "step", "rng"):
+        tensors_equal(a[key], b[key], key)
