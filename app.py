@@ -45,7 +45,7 @@ DISPLAY_PX = 512             # grids are shown enlarged (nearest neighbour) to a
 MODEL_CACHE = 2              # models kept loaded
 QUEUE_SIZE = 16              # runs waiting beyond that are refused ("queue full")
 ALL_CLASSES = "all classes, in turn"
-SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm"}
+SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "EDM": "edm", "DPM-Solver++": "dpmpp2m"}
 
 TRAIN_FIRST = """\
 ### No checkpoint found
@@ -302,7 +302,7 @@ class App:
                 elapsed = time.perf_counter() - start
                 left = elapsed / (k + 1) * (total - k - 1)
                 yield (to_display(to_grid(x)), to_display(to_grid(x0)), None, None,
-                       f"Step {k + 1}/{total} (t = {t}) · {elapsed:.1f} s, about {left:.1f} s left")
+                       f"Step {k + 1}/{total} (t = {t:.0f}) · {elapsed:.1f} s, about {left:.1f} s left")
         sync(self.device)
         grid = to_grid(x)
         seconds = time.perf_counter() - start

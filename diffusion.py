@@ -1,5 +1,7 @@
-"""Gaussian diffusion (Ho et al. 2020, "DDPM"), DDIM sampling (Song et al. 2021) and
-classifier-free guidance (Ho & Salimans 2022), around any network net(x_t, t, labels) -> output.
+"""Gaussian diffusion (Ho et al. 2020, "DDPM"), DDIM sampling (Song et al. 2021), classifier-free
+guidance (Ho & Salimans 2022), EDM's stochastic sampler (Karras et al. 2022), DPM-Solver++(2M)
+(Lu et al. 2022) and Min-SNR-γ loss weighting (Hang et al. 2023), around any network
+net(x_t, t, labels) -> output.
 
 Notation. T steps; the tensor index t ∈ {0, …, T−1} stands for the paper's step t + 1, so
 t = 0 is the first noising step and t = T − 1 produces (almost) pure noise.
@@ -7,6 +9,7 @@ t = 0 is the first noising step and t = T − 1 produces (almost) pure noise.
     β_t               betas                   α_t = 1 − β_t
     ᾱ_t = ∏_{s≤t} α_s alphas_cumprod           ᾱ_{t−1} = alphas_cumprod_prev (ᾱ_{−1} = 1)
     β̃_t              posterior_variance      = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t
+    σ_t = √((1−ᾱ_t)/ᾱ_t)  sigma_table         EDM's noise level: x_t = √ᾱ_t·(x_0 + σ_t·ε), x_σ = x_t/√ᾱ_t
 
 Schedules are computed in float64 and stored as float32 buffers; `extract` gathers one value
 per batch element, shaped (B, 1, 1, 1) so that it broadcasts over images.
@@ -45,7 +48,17 @@ def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
 SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCES = ("beta_tilde", "beta")      # σ_t² = β̃_t ("fixedsmall") or β_t ("fixedlarge"), DDPM §3.2
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "edm", "dpmpp2m")
+LOSS_WEIGHTINGS = ("simple", "min_snr")
+
+# EDM Alg. 2's churn. EDM's own defaults are churn 0 (deterministic Heun, Alg. 1), S_tmin = 0,
+# S_tmax = ∞, S_noise = 1; its ImageNet-64 settings are S_churn 40–80, S_tmin = 0.05, S_tmax = 50,
+# S_noise = 1.003 (EDM Table 5). A young ε-model gains from stochasticity (it corrects the model's
+# errors instead of following them), so "edm" defaults to those ImageNet settings with churn 40:
+# γ_i = min(churn/N, √2 − 1) is then √2 − 1 (the most EDM allows: each step doubles the noise
+# variance before denoising) for any N ≤ 96 steps (≤ 191 network calls).
+CHURN, S_TMIN, S_TMAX, S_NOISE = 40.0, 0.05, 50.0, 1.003
+RHO = 7.0                                # EDM eq. 5: ρ = 7 spaces the noise levels more finely near σ_min
 
 
 def extract(buffer, t):
@@ -68,10 +81,13 @@ class GaussianDiffusion(nn.Module):
     objective: what the network predicts: "eps" (DDPM), "x0", or "v" (Salimans & Ho 2022).
     variance: σ_t² of the reverse step: "beta_tilde" (β̃_t) or "beta" (β_t).
     cond_drop_prob: in training, the share of labels replaced by the null label (CFG).
+    loss_weighting: "simple" (DDPM eq. 14, every t weighted alike) or "min_snr" (Hang et al. 2023:
+        each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
     """
 
     def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
-                 objective="eps", variance="beta_tilde", cond_drop_prob=0.1):
+                 objective="eps", variance="beta_tilde", cond_drop_prob=0.1, loss_weighting="simple",
+                 min_snr_gamma=5.0):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -79,6 +95,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (Hang et al. use 5), got {min_snr_gamma!r}")
         self.model = model
         self.image_size = image_size
         self.channels = channels
@@ -87,6 +107,8 @@ class GaussianDiffusion(nn.Module):
         self.objective = objective
         self.variance = variance
         self.cond_drop_prob = cond_drop_prob
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
         self.num_classes = getattr(model, "num_classes", None)
 
         betas = SCHEDULES[schedule](timesteps)                                       # float64 (T,)
@@ -113,6 +135,10 @@ class GaussianDiffusion(nn.Module):
         register("posterior_mean_coef1", alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod))
         register("posterior_mean_coef2", alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
         register("posterior_log_variance", log_var_small if variance == "beta_tilde" else log_var_large)
+        # EDM's noise levels σ_t = √((1−ᾱ_t)/ᾱ_t) of the float32 ᾱ_t the network was trained on, kept in
+        # float64 on the CPU: the σ ↔ t lookups are scalar arithmetic on the host, once per network call.
+        alpha_bar32 = self.alphas_cumprod.double()
+        self.sigma_table = ((1 - alpha_bar32) / alpha_bar32).sqrt()                  # (T,) increasing in t
 
     # ------------------------------------------------------------------ forward process
 
@@ -148,14 +174,12 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ the network's view
 
-    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True):
-        """Run the network once (twice with guidance) and return (ε_θ, x̂_0).
+    def network(self, xt, t, labels=None, guidance=0.0):
+        """The network's output at (x_t, t), run once (twice with guidance), in float32.
 
         Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = (1 + w)·out(y) − w·out(∅).
         Every parameterisation is linear in the network's output at fixed x_t, so mixing raw
-        outputs equals mixing the implied ε. With clip_denoised, x̂_0 is clamped to [−1, 1] (the
-        data range; not in the equations, but in the DDPM code) and ε is recomputed from it, so
-        the pair stays consistent.
+        outputs equals mixing the implied ε. t: (B,) ints, or floats between steps (EDM).
         """
         if labels is not None and guidance != 0.0:
             null = torch.full_like(labels, self.num_classes)
@@ -163,7 +187,15 @@ class GaussianDiffusion(nn.Module):
             out = (1 + guidance) * out_cond - guidance * out_uncond
         else:
             out = self.model(xt, t, labels).float()
+        return out
 
+    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True):
+        """Run the network once (twice with guidance) at integer steps t and return (ε_θ, x̂_0).
+
+        With clip_denoised, x̂_0 is clamped to [−1, 1] (the data range; not in the equations, but
+        in the DDPM code) and ε is recomputed from it, so the pair stays consistent.
+        """
+        out = self.network(xt, t, labels, guidance)
         if self.objective == "eps":
             eps, x0 = out, self.predict_x0_from_eps(xt, t, out)
         elif self.objective == "x0":
@@ -187,7 +219,8 @@ class GaussianDiffusion(nn.Module):
         """DDPM eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0, …, T−1}.
 
         For objective "x0" or "v" the target is x_0 or v instead of ε. With labels and
-        cond_drop_prob > 0, that share of labels becomes the null label (CFG training).
+        cond_drop_prob > 0, that share of labels becomes the null label (CFG training). With
+        loss_weighting "min_snr", each image's squared error is weighted by min_snr_weight(t).
         model: the network to train through, when it is wrapped (torch.compile, DDP); default self.model.
         """
         model = self.model if model is None else model
@@ -199,7 +232,19 @@ class GaussianDiffusion(nn.Module):
             drop = torch.rand(B, device=x0.device) < self.cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         target = {"eps": eps, "x0": x0, "v": self.v_target(x0, t, eps)}[self.objective]
-        return F.mse_loss(model(xt, t, labels).float(), target)
+        if self.loss_weighting == "simple":
+            return F.mse_loss(model(xt, t, labels).float(), target)
+        squared_error = (model(xt, t, labels).float() - target).pow(2).flatten(1).mean(1)   # (B,) ‖·‖²/(C·H·W)
+        return (self.min_snr_weight(t) * squared_error).mean()
+
+    def min_snr_weight(self, t):
+        """Min-SNR-γ (Hang et al. 2023): weight x_0's error by min(SNR_t, γ), SNR_t = ᾱ_t/(1−ᾱ_t), and
+        the same in the objective's own units: ‖ε − ε_θ‖² = SNR_t·‖x_0 − x̂_0‖² and
+        ‖v − v_θ‖² = (SNR_t + 1)·‖x_0 − x̂_0‖², so ε gets min(SNR_t, γ)/SNR_t and v min(SNR_t, γ)/(SNR_t + 1).
+        It stops the nearly clean steps (huge SNR) from dominating training. (B,) -> (B,)."""
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])                    # SNR_t = ᾱ_t/(1−ᾱ_t)
+        clipped = snr.clamp(max=self.min_snr_gamma)                                     # min(SNR_t, γ)
+        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.objective]
 
     def eq12_weight(self, t):
         """DDPM eq. 12, the weight that DDPM eq. 14 sets to 1: L_t = β_t²/(2σ_t²·α_t·(1−ᾱ_t))·‖ε − ε_θ‖²,
@@ -209,15 +254,84 @@ class GaussianDiffusion(nn.Module):
         beta, alpha_bar = self.betas[t], self.alphas_cumprod[t]
         return beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - alpha_bar))
 
+    # ------------------------------------------------------------------ noise levels σ (EDM's view)
+
+    def sigma_to_t(self, sigma):
+        """The fractional step t at noise level σ: log σ interpolated linearly between the two table entries
+        σ_t ≤ σ ≤ σ_{t+1} (as k-diffusion's DiscreteSchedule does), clamped to [0, T−1]. Exact on the
+        table, increasing between. sigma: float or tensor -> float64 tensor of the same shape."""
+        log_sigmas = self.sigma_table.log()                                              # (T,) increasing
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        shape, log_sigma = log_sigma.shape, log_sigma.reshape(-1).log().clamp(log_sigmas[0], log_sigmas[-1])
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+        w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])      # in [0, 1]
+        return (low + w).reshape(shape)
+
+    def t_to_sigma(self, t):
+        """σ at a fractional step t ∈ [0, T−1], the inverse of sigma_to_t. -> float64 tensor of t's shape."""
+        log_sigmas = self.sigma_table.log()
+        t = torch.as_tensor(t, dtype=torch.float64)
+        low = t.floor().long().clamp(0, len(log_sigmas) - 2)
+        w = t - low
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+    def denoise(self, x, sigma, labels=None, guidance=0.0, clip_denoised=True):
+        """EDM's denoiser D(x; σ) = x̂_0 for this discrete model. x: (B, C, H, W) in EDM's scaling
+        x = x_0 + σ·ε (DDPM eq. 4 divided by √ᾱ), sigma: a float in [σ_0, σ_{T−1}].
+
+        The network saw x_t = √ᾱ·x at the step whose σ_t is σ: it gets x/√(1 + σ²) (ᾱ = 1/(1 + σ²))
+        and the fractional t = sigma_to_t(σ), which its sinusoidal embedding takes as it is. With
+        clip_denoised, x̂_0 is clamped to [−1, 1] as in model_predictions.
+        """
+        t = torch.full((x.shape[0],), self.sigma_to_t(sigma).item(), device=x.device)     # (B,) float32
+        alpha_bar = 1 / (1 + sigma ** 2)                                                    # ᾱ = 1/(1 + σ²)
+        if labels is None and self.num_classes is not None:      # the null label as an integer (t is a float)
+            labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+        out = self.network(math.sqrt(alpha_bar) * x, t, labels, guidance)                  # at x_t = √ᾱ·x_σ
+        if self.objective == "eps":
+            x0 = x - sigma * out                                                  # x̂_0 = x_σ − σ·ε_θ
+        elif self.objective == "x0":
+            x0 = out
+        else:
+            x0 = alpha_bar * x - sigma * math.sqrt(alpha_bar) * out               # √ᾱ·x_t − √(1−ᾱ)·v
+        return x0.clamp(-1, 1) if clip_denoised else x0
+
+    def edm_sigmas(self, calls, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
+        """EDM Alg. 2's noise levels for `calls` network calls: [(σ_i, σ̂_i, σ_{i+1}, heun)] for i = 0 … N−1.
+
+        σ_i runs on EDM eq. 5's schedule from σ_max = σ_{T−1} to σ_min = σ_0 of the table, then σ_N = 0.
+        A Heun step calls the network twice, but the last one (to σ_N = 0, where D is not defined) is
+        Euler, so N steps make 2N − 1 calls. An even number of calls takes N = calls/2 + 1 steps and
+        makes the first one (from σ_max, where D barely changes and the path is nearly straight) Euler
+        too: one first-order step keeps the global second order.
+        """
+        N = calls // 2 + 1                                            # 2N − 1 = calls, or 2N − 2 = calls if even
+        sigma_min, sigma_max = self.sigma_table[0].item(), self.sigma_table[-1].item()
+        ramp = torch.linspace(0, 1, N, dtype=torch.float64)                                       # i/(N−1)
+        sigmas = (sigma_max ** (1 / RHO) + ramp * (sigma_min ** (1 / RHO) - sigma_max ** (1 / RHO))) ** RHO  # EDM eq. 5
+        sigmas[-1], sigmas[0] = sigma_min, sigma_max                       # the table's ends exactly, not rounded
+        sigmas = sigmas.tolist() + [0.0]                                                          # σ_N = 0
+        plan = []
+        for i in range(N):
+            gamma = min(churn / N, math.sqrt(2) - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0   # churn γ_i
+            # σ̂_i = σ_i·(1 + γ_i), but no higher than σ_max: the network never saw more noise than at T.
+            sigma_hat = min(sigmas[i] * (1 + gamma), sigma_max)
+            heun = sigmas[i + 1] > 0 and not (calls % 2 == 0 and i == 0)
+            plan.append((sigmas[i], sigma_hat, sigmas[i + 1], heun))
+        return plan
+
     # ------------------------------------------------------------------ sampling
 
-    def sampling_timesteps(self, sampler="ddpm", steps=None):
-        """The steps t (0-based, descending) that `sampler` visits with `steps` network calls, or
-        ValueError saying why not. The one place that decides "which steps" for every caller.
+    def sampling_timesteps(self, sampler="ddpm", steps=None, *, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
+        """The step t of every network call that `sampler` makes with `steps` calls per image, in order,
+        or ValueError saying why not. The one place that decides "which steps" for every caller.
 
         ddpm, steps None or T: DDPM Algorithm 2, every t = T−1 … 0.
         ddpm, steps < T: ancestral sampling on an evenly respaced chain (Nichol & Dhariwal §4).
-        ddim: `steps` evenly spaced steps (default min(50, T)), Song et al. §4.2.
+        ddim, dpmpp2m: `steps` evenly spaced steps (default min(50, T)), Song et al. §4.2.
+        edm: fractional t (floats) of the noise levels EDM Alg. 2 evaluates (edm_sigmas; default
+            min(50, T) calls); churn, s_tmin, s_tmax as given to sample_iter.
+        Guidance doubles the batch of a call, not the number of calls.
         """
         T = self.num_timesteps
         if sampler not in SAMPLERS:
@@ -227,6 +341,11 @@ class GaussianDiffusion(nn.Module):
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"{steps!r} sampling steps is out of range: this model has T = {T} diffusion "
                              f"steps, so use a whole number from 1 to {T}")
+        if sampler == "edm":
+            sigmas = []
+            for _, sigma_hat, sigma_next, heun in self.edm_sigmas(steps, churn, s_tmin, s_tmax):
+                sigmas += [sigma_hat, sigma_next] if heun else [sigma_hat]
+            return self.sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
         if sampler == "ddpm" and steps == T:
             return list(range(T - 1, -1, -1))
         return ddim_timesteps(T, steps).tolist()
@@ -241,17 +360,27 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample_iter(self, n, *, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-                    clip_denoised=True, x_T=None, generator=None, progress=True):
-        """Yield (t, x_t, x̂_0) after every reverse step; the last x_t is the sample, in [−1, 1].
+                    clip_denoised=True, x_T=None, generator=None, progress=True,
+                    churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX, s_noise=S_NOISE):
+        """Yield (t, x_t, x̂_0) after every network call; the last x_t is the sample, in [−1, 1].
 
         sampler "ddpm": DDPM Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
             ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
         sampler "ddim": DDIM eq. 12 over `steps` evenly spaced steps; η = 0 is deterministic given x_T.
+        sampler "edm": EDM Algorithm 2, stochastic Heun with churn; t is fractional. churn (S_churn),
+            s_tmin, s_tmax, s_noise are its settings (see CHURN); churn = 0 is EDM's deterministic Alg. 1.
+        sampler "dpmpp2m": DPM-Solver++(2M), deterministic, on the same steps as DDIM.
+        steps: network calls per image (sampling_timesteps). x_t is always in DDPM's scaling
+            √ᾱ·x_0 + √(1−ᾱ)·ε, also for "edm", whose x_σ = x_t/√ᾱ stays inside.
         generator: a torch.Generator for the noise, for reproducible samples; its device is where
             the noise is drawn (use a CPU generator for the same images on every device).
         """
-        ts = self.sampling_timesteps(sampler, steps)
+        ts = self.sampling_timesteps(sampler, steps, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax)
         self._check_labels(labels, n)
+        if sampler in ("edm", "dpmpp2m") and eta != 0.0:
+            raise ValueError(f"eta is DDIM's η; {sampler} does not take it (edm's noise is set by churn)")
+        if churn < 0 or s_noise < 0:
+            raise ValueError(f"churn and s_noise must be ≥ 0, got churn={churn!r}, s_noise={s_noise!r}")
         device = self.betas.device
         shape = (n, self.channels, self.image_size, self.image_size)
 
@@ -262,9 +391,14 @@ class GaussianDiffusion(nn.Module):
         x = randn() if x_T is None else x_T.to(device)                                  # Alg. 2: x_T ~ N(0, I)
         if sampler == "ddpm" and len(ts) == self.num_timesteps:
             step_iter = self._ddpm_steps(x, labels, guidance, clip_denoised, randn)
-        else:
+        elif sampler in ("ddpm", "ddim"):
             eta = 1.0 if sampler == "ddpm" else eta
             step_iter = self._ddim_steps(x, ts, eta, labels, guidance, clip_denoised, randn)
+        elif sampler == "dpmpp2m":
+            step_iter = self._dpmpp2m_steps(x, ts, labels, guidance, clip_denoised)
+        else:
+            plan = self.edm_sigmas(len(ts), churn, s_tmin, s_tmax)
+            step_iter = self._edm_steps(x, plan, s_noise, labels, guidance, clip_denoised, randn)
         yield from tqdm(step_iter, total=len(ts), desc=f"{sampler} sampling", disable=not progress, leave=False)
 
     def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn):
@@ -294,6 +428,58 @@ class GaussianDiffusion(nn.Module):
                 x = x + sigma * randn()
             yield t_now, x, x0
 
+    def _edm_steps(self, x, plan, s_noise, labels, guidance, clip_denoised, randn):
+        """EDM Algorithm 2 (Karras et al. 2022), stochastic Heun, on x_σ = x_0 + σ·ε = x_t/√ᾱ_t, step i:
+        γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ_i ≤ S_tmax, else 0          (in edm_sigmas)
+        σ̂_i = σ_i·(1 + γ_i),  x̂_i = x_i + √(σ̂_i² − σ_i²)·S_noise·z               (churn: noise up to σ̂_i)
+        d_i = (x̂_i − D(x̂_i; σ̂_i))/σ̂_i,  x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·d_i     (Euler step)
+        d′_i = (x_{i+1} − D(x_{i+1}; σ_{i+1}))/σ_{i+1}
+        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(d_i + d′_i)/2   unless σ_{i+1} = 0     (Heun's correction)
+        Each call yields x_{i+1} in DDPM's scaling x_{i+1}/√(1 + σ_{i+1}²): the Euler guess, then Heun's."""
+        sigma_max = plan[0][0]
+        x = x * math.sqrt(1 + sigma_max ** 2)                                     # x_σ = x_T/√ᾱ_{T−1}
+        for sigma, sigma_hat, sigma_next, heun in plan:
+            x_hat = x
+            if sigma_hat > sigma:
+                x_hat = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * randn()    # √(σ̂² − σ²)·S_noise·z
+            denoised = self.denoise(x_hat, sigma_hat, labels, guidance, clip_denoised)  # D(x̂_i; σ̂_i)
+            d = (x_hat - denoised) / sigma_hat                                            # d_i = (x̂_i − D)/σ̂_i
+            x = x_hat + (sigma_next - sigma_hat) * d                                      # Euler step
+            yield self.sigma_to_t(sigma_hat).item(), x / math.sqrt(1 + sigma_next ** 2), denoised
+            if heun:
+                denoised_next = self.denoise(x, sigma_next, labels, guidance, clip_denoised)    # D(x_{i+1}; σ_{i+1})
+                d_next = (x - denoised_next) / sigma_next                                        # d′_i
+                x = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_next)                  # Heun: mean slope
+                yield self.sigma_to_t(sigma_next).item(), x / math.sqrt(1 + sigma_next ** 2), denoised_next
+
+    def _dpmpp2m_steps(self, x, ts, labels, guidance, clip_denoised):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the probability-flow ODE solved in the data
+        prediction x̂_0, second-order multistep, in λ_t = log(α_t/σ_t) with α_t = √ᾱ_t and σ_t = √(1−ᾱ_t)
+        (DPM-Solver's σ_t, not EDM's). From step t = ts[i−1] to t′ = ts[i]:
+        h_i = λ_{t′} − λ_t,  r_i = h_{i−1}/h_i,  D_i = (1 + 1/(2r_i))·x̂_0(t) − 1/(2r_i)·x̂_0(previous t)
+        x_{t′} = (σ_{t′}/σ_t)·x_t − α_{t′}·(e^{−h_i} − 1)·D_i
+        The first step has no previous x̂_0 and takes D_1 = x̂_0 (first order, which is DDIM's η = 0 step);
+        so does the last, to ᾱ = 1 (λ = ∞, h = ∞): x_0 = x̂_0, like DDIM's last step."""
+        alpha_bar = self.alphas_cumprod.double().cpu()
+        x0_prev = h_prev = None
+        for i, t_now in enumerate(ts):
+            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+            _, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)        # x̂_0 = x_θ(x_t, t)
+            if i + 1 == len(ts):
+                x = x0                                                                  # λ = ∞: x_0 = x̂_0
+            else:
+                alpha_t, sigma_t = alpha_bar[t_now].sqrt().item(), (1 - alpha_bar[t_now]).sqrt().item()
+                alpha_next, sigma_next = alpha_bar[ts[i + 1]].sqrt().item(), (1 - alpha_bar[ts[i + 1]]).sqrt().item()
+                h = math.log(alpha_next / sigma_next) - math.log(alpha_t / sigma_t)        # h_i = λ_{t′} − λ_t
+                if x0_prev is None:
+                    D = x0                                                              # first order: D_1 = x̂_0
+                else:
+                    r = h_prev / h                                                      # r_i = h_{i−1}/h_i
+                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev                  # D_i
+                x = sigma_next / sigma_t * x - alpha_next * math.expm1(-h) * D          # (σ_{t′}/σ_t)·x_t − α_{t′}(e^{−h}−1)·D_i
+                x0_prev, h_prev = x0, h
+            yield t_now, x, x0
+
     @torch.no_grad()
     def sample(self, n, *, trajectory_every=None, **settings):
         """Draw n images, (n, C, H, W) in [−1, 1]. `settings` are sample_iter's keywords.
@@ -302,9 +488,11 @@ class GaussianDiffusion(nn.Module):
         k-th step and the last one, on the CPU, for animations.
         """
         trajectory = []
-        x = None
+        k = x = x0 = None
         for k, (t, x, x0) in enumerate(self.sample_iter(n, **settings)):
-            if trajectory_every and (k % trajectory_every == 0 or t == 0):
+            if trajectory_every and k % trajectory_every == 0:
                 trajectory.append((t, x.cpu(), x0.cpu()))
+        if trajectory_every and k % trajectory_every != 0:                               # and the last step
+            trajectory.append((t, x.cpu(), x0.cpu()))
         x = x.clamp(-1, 1)
         return (x, trajectory) if trajectory_every else x

@@ -100,7 +100,7 @@ def save_gif(trajectory, path, ncol=None, max_images=64, frame_ms=60, hold_ms=15
         canvas[header:, w + 8:] = right
         frame = to_pil(canvas).convert("RGB")
         draw = ImageDraw.Draw(frame)
-        draw.text((2, 1), f"x_t  t={t + 1}", fill=(0, 0, 0))            # paper's step t+1 (t is 0-based)
+        draw.text((2, 1), f"x_t  t={t + 1:.0f}", fill=(0, 0, 0))        # paper's step t+1 (t is 0-based; EDM's fractional)
         draw.text((w + 10, 1), "predicted x_0", fill=(0, 0, 0))
         frames.append(frame)
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
@@ -198,7 +198,9 @@ def open_checkpoint(path, device):
 def add_sampling_args(p, n=64):
     """The flags that say how to sample a checkpoint; generate.py, generate_cifar.py and fid.py share them."""
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: DDPM Algorithm 2 (ancestral); ddim: DDIM eq. 12 (default: %(default)s)")
+                   help="ddpm: DDPM Algorithm 2 (ancestral; respaced below T steps); ddim: DDIM eq. 12; edm: EDM "
+                        "Alg. 2 (stochastic Heun with churn); dpmpp2m: DPM-Solver++(2M), an ODE solver "
+                        "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="network calls per image, 1 … T (default: all T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from diffusion import OBJECTIVES, SAMPLERS, SCHEDULES, VARIANCES, GaussianDiffusion
+from diffusion import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, VARIANCES, GaussianDiffusion
 
 # Every flag and its default; a train_*.py script overrides some of them.
 DEFAULTS = dict(
@@ -23,7 +23,8 @@ DEFAULTS = dict(
     # model (UNet)
     base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
     # diffusion
-    timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde",
+    timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", loss_weighting="simple",
+    min_snr_gamma=5.0,
     # optimisation
     steps=10_000, max_minutes=None, batch_size=128, lr=2e-4, weight_decay=0.0, warmup_steps=1000,
     grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, max_nan_steps=5,
@@ -38,7 +39,7 @@ DEFAULTS = dict(
 )
 # Settings that fix the weights' shapes or the diffusion process: a resumed run must keep them.
 ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
-             "attn_resolutions", "timesteps", "schedule", "objective", "variance")
+             "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
@@ -130,6 +131,9 @@ def build_parser(defaults, presets, description):
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="β schedule")
     g.add_argument("--objective", choices=OBJECTIVES, help="what the network predicts: ε (DDPM), x_0 or v")
     g.add_argument("--variance", choices=VARIANCES, help="reverse-step variance σ_t²: β̃_t or β_t")
+    g.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help="weight of each t in the loss: simple (DDPM "
+                   "eq. 14, all alike) or min_snr (Hang et al. 2023, Min-SNR-γ)")
+    g.add_argument("--min-snr-gamma", type=number(float, 0, low_open=True), help="γ of --loss-weighting min_snr")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=POSITIVE, help="total optimiser steps (the run stops at this step)")
     g.add_argument("--max-minutes", type=number(float, 0, low_open=True),

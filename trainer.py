@@ -93,7 +93,8 @@ def make_config(args, images, class_names, num_classes):
                         image_size=images.shape[-1], num_classes=num_classes)
     diffusion_kwargs = dict(image_size=images.shape[-1], channels=images.shape[1], timesteps=args.timesteps,
                             schedule=args.schedule, objective=args.objective, variance=args.variance,
-                            cond_drop_prob=args.cond_drop_prob)
+                            cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
+                            min_snr_gamma=args.min_snr_gamma)
     train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
     # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
     # file names use args.run_name ("celeba" trains on dataset "faces").

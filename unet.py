@@ -195,7 +195,7 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))       # (B, emb_dim)
         if self.label_emb is not None:
             if labels is None:                                               # unconditional = null label
-                labels = torch.full_like(t, self.num_classes)
+                labels = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.label_emb(labels)
         elif labels is not None:
             raise ValueError("labels were given to an unconditional UNet (built with num_classes=None)")
