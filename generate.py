@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from checkpoint import CheckpointError, load_for_sampling, pick_device, synchronize
-from diffusion import SAMPLERS
+from diffusion import CHURN, SAMPLERS
 
 
 # ----------------------------------------------------------------------------- images out
@@ -204,6 +204,8 @@ def add_sampling_args(p, n=64):
     p.add_argument("--steps", type=int, default=None,
                    help="network calls per image, 1 … T (default: all T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
+    p.add_argument("--churn", type=float, default=None,
+                   help=f"edm: S_churn, the noise added back per step (0 = deterministic Heun; default: {CHURN:g})")
     p.add_argument("--n", type=int, default=n, help="number of images (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: 0)")
@@ -235,6 +237,8 @@ def sample_from_args(args):
     resolved settings, config, trajectory or None). Used by generate.py and by fid.py --ckpt."""
     if args.batch_size < 1:
         raise SystemExit("error: --batch-size must be at least 1")
+    if args.churn is not None and (args.sampler != "edm" or args.churn < 0):
+        raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
     device = pick_device(args.device)
     diffusion, config = open_checkpoint(args.ckpt, device)
     try:
@@ -251,12 +255,14 @@ def sample_from_args(args):
     resolved = {"ckpt": args.ckpt, "dataset": dataset, "image": f"{diffusion.image_size}×{diffusion.image_size}×{diffusion.channels}",
                 "T": diffusion.num_timesteps, "schedule": diffusion.schedule, "objective": diffusion.objective,
                 "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
+                "churn": (CHURN if args.churn is None else args.churn) if args.sampler == "edm" else None,
                 "labels": label_desc, "guidance": args.guidance if labels is not None else None,
                 "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device)}
     print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
     trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
     t0 = time.perf_counter()
-    out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels,
+    extra = {"churn": args.churn} if args.sampler == "edm" and args.churn is not None else {}
+    out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels, **extra,
                         guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
                         trajectory_every=trajectory_every)
     synchronize(device)

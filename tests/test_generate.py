@@ -177,3 +177,18 @@ def test_cifar_unconditional_grid_is_ten_per_row(tiny_checkpoint, tmp_path):
     generate_cifar.main(["--ckpt", str(ckpt), "--n", "20", "--sampler", "ddim", "--steps", "2", "--grid", str(grid),
                          "--device", "cpu"])
     assert Image.open(grid).size == (10 * 10 + 2, 2 * 10 + 2)
+
+
+@pytest.mark.parametrize("sampler, steps, extra", [("edm", "7", ["--churn", "0"]), ("edm", "8", []),
+                                                   ("dpmpp2m", "6", [])])
+def test_new_samplers_run_from_the_command_line_with_their_call_count(tiny_checkpoint, tmp_path, sampler, steps,
+                                                                      extra, capsys):
+    a = run(tiny_checkpoint(), tmp_path, "--n", "2", "--sampler", sampler, "--steps", steps, *extra)
+    b = run(tiny_checkpoint(), tmp_path, "--n", "2", "--sampler", sampler, "--steps", steps, *extra)
+    assert a.shape == (2, 8, 8, 1) and np.array_equal(a, b)             # seeded: the same images
+    assert f"sampler={sampler}, steps={steps}" in capsys.readouterr().out
+
+
+def test_churn_is_only_for_edm(tiny_checkpoint):
+    msg = refusal(["--ckpt", str(tiny_checkpoint()), "--sampler", "ddim", "--churn", "10"])
+    assert "--churn" in msg and "edm" in msg
