@@ -1,5 +1,6 @@
 """Checkpoints: one torch.save dict of plain types and tensors, written atomically, read with
-weights_only=True so that no pickled code ever runs. Also the device choice every script shares.
+weights_only=True so that no pickled code ever runs. Also the device choice every script shares,
+the RNG states a checkpoint stores, and DDP's set-up (torchrun sets RANK).
 
 Layout (both files carry "config", so generate.py / fid.py / app.py rebuild the model from it):
     <ckpt-dir>/<dataset>.pt       {"config", "model", "ema", "optimizer", "step", "rng", ...}  (resume)
@@ -19,6 +20,7 @@ import tempfile
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 from diffusion import GaussianDiffusion
 from unet import UNet
@@ -41,6 +43,42 @@ def pick_device(name="auto"):
     if name == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("--device mps: Apple MPS is not available here; use --device auto or cpu")
     return torch.device(name)
+
+
+def setup_distributed(args):
+    """-> (device, rank, world_size). DDP only when torchrun has set RANK."""
+    if "RANK" not in os.environ:
+        return pick_device(args.device), 0, 1
+    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def any_rank(flag, device, world):
+    """True if `flag` is true on any rank (so that all ranks stop at the same step)."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state      # numpy / python `random` are not used by training (the data order is stateless)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def synchronize(device):

@@ -35,7 +35,7 @@ import generate
 from checkpoint import CheckpointError, pick_device
 from data import load_image_folder, load_npz, load_split, dataset_slug
 from inception import Inception, InceptionError, get_inception
-from proxy import Proxy, ProxyError, get_proxy, train_proxy
+from proxy import ProxyError, get_proxy, train_proxy
 
 PROXY_LABEL = "proxy FID (not comparable with papers)"
 KID_REF_FEATURES = 10000                   # reference features kept in the cache for KID

@@ -19,7 +19,6 @@ samples as uint8 .npz parts, both grids, logs.txt and summary.json (speed table 
 """
 
 import argparse
-import io
 import json
 import math
 import os

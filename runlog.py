@@ -1,4 +1,5 @@
-"""What a training run leaves to look at: <log-dir>/<run>/log.csv, eval.csv, loss.png and, when
+"""What a training run shows and leaves to look at: the progress bar on --max-minutes' clock, the
+size of the end-of-run grid, and <log-dir>/<run>/log.csv, eval.csv, loss.png and, when
 the tensorboard package is installed (or --tensorboard), a TensorBoard event log beside them:
 
     tensorboard --logdir runs          # loss, lr, grad norm, img/s, sample grids, proxy FID
@@ -6,9 +7,58 @@ the tensorboard package is installed (or --tensorboard), a TensorBoard event log
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
+
+FINAL_GRID_SHARE = 0.03        # the end-of-run grid may cost at most this share of the run's time
+
+
+def grid_seconds(n, steps, seconds_per_image_step):
+    """Estimated seconds to sample n images with `steps` network calls each."""
+    return n * steps * seconds_per_image_step
+
+
+def plan_final_grid(sample_count, steps, seconds_per_image_step, run_seconds, share=FINAL_GRID_SHARE):
+    """How many images the end-of-run grid can have so that it costs at most `share` of the run:
+    sample_count if affordable, else fewer (whole rows of a square-ish grid), else 0 (skip).
+    seconds_per_image_step: measured cost of one network call per image."""
+    budget = share * run_seconds
+    n = sample_count
+    while n >= 4 and grid_seconds(n, steps, seconds_per_image_step) > budget:
+        n //= 2
+    return n if n >= 4 else 0
+
+
+class Budget:
+    """--max-minutes as a deadline for the whole run (start-up and the end included), and the
+    progress bar's total: seconds of the budget when there is one, else steps."""
+
+    def __init__(self, max_minutes, t_start):
+        self.seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.t_start = t_start
+
+    def elapsed(self):
+        return time.time() - self.t_start
+
+    def left(self):
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
+
+    def bar(self, steps, step, run_name, disable):
+        if self.seconds is None:
+            return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)
+        return tqdm(total=round(self.seconds), initial=round(self.elapsed()), unit="s", disable=disable,
+                    dynamic_ncols=True, desc=f"{run_name} (--max-minutes)",
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+
+    def advance(self, pbar, step):
+        """Move the bar one step, or to the seconds used so far."""
+        if self.seconds is None:
+            pbar.update(1)
+        else:
+            pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
 
 
 def tensorboard_writer(folder, wanted):

@@ -5,7 +5,8 @@
 Each train_<dataset>.py overrides some DEFAULTS; every default is a flag (`--help` lists them
 all). A value outside its range is refused at parse time in one line that names the flag and
 the range; settings that conflict with each other are refused before any data is loaded.
-With --resume, the checkpoint's settings come back, except the flags given now.
+With --resume, the checkpoint's settings come back, except the flags given now. make_config turns
+the resolved flags into the config every checkpoint stores.
 """
 
 import argparse
@@ -248,3 +249,22 @@ def resolve_resume(args, explicit, ckpt, path, say=print):
                 + ("; the run will not reproduce an uninterrupted one" if key in ("seed", "batch_size") else ""))
             continue
         setattr(args, key, value)
+
+
+def make_config(args, images, class_names, num_classes):
+    """The checkpoint's config: everything generate.py / fid.py / app.py need to rebuild the model."""
+    model_kwargs = dict(in_channels=images.shape[1], base_channels=args.base_channels,
+                        channel_mults=list(args.channel_mults), num_res_blocks=args.num_res_blocks,
+                        attn_resolutions=list(args.attn_resolutions), dropout=args.dropout,
+                        image_size=images.shape[-1], num_classes=num_classes)
+    diffusion_kwargs = dict(image_size=images.shape[-1], channels=images.shape[1], timesteps=args.timesteps,
+                            schedule=args.schedule, objective=args.objective, variance=args.variance,
+                            cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
+                            min_snr_gamma=args.min_snr_gamma)
+    train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
+    # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
+    # file names use args.run_name ("celeba" trains on dataset "faces").
+    return {"dataset": str(args.dataset), "model": model_kwargs, "diffusion": diffusion_kwargs,
+            "data": {"name": str(args.dataset), "image_size": images.shape[-1], "channels": images.shape[1],
+                     "class_names": class_names},
+            "train": train}

@@ -20,7 +20,6 @@ DDP switches on when torchrun sets RANK: `torchrun --nproc_per_node=N train_cifa
 
 import copy
 import math
-import os
 import signal
 import textwrap
 import time
@@ -32,121 +31,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 import data
-from checkpoint import CheckpointError, load_checkpoint, pick_device, save_checkpoint
+from checkpoint import (CheckpointError, any_rank, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                        setup_distributed)
 from diffusion import GaussianDiffusion
 from ema import EMA
 from generate import classes_in_turn, make_grid, save_grid, to_uint8
-from runlog import RunLog
-from train_args import check_consistent, parse_args, resolve_resume
+from runlog import FINAL_GRID_SHARE, Budget, RunLog, grid_seconds, plan_final_grid
+from train_args import check_consistent, make_config, parse_args, resolve_resume
 from unet import UNet
-
-FINAL_GRID_SHARE = 0.03        # the end-of-run grid may cost at most this share of the run's time
-
 
 # ----------------------------------------------------------------------------- small pieces
 
-def setup_distributed(args):
-    """-> (device, rank, world_size). DDP only when torchrun has set RANK."""
-    if "RANK" not in os.environ:
-        return pick_device(args.device), 0, 1
-    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def any_rank(flag, device, world):
-    """True if `flag` is true on any rank (so that all ranks stop at the same step)."""
-    if world == 1:
-        return bool(flag)
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state      # numpy / python `random` are not used by training (the data order is stateless)
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def all_finite(tensors):
     return all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point())
-
-
-def make_config(args, images, class_names, num_classes):
-    """The checkpoint's config: everything generate.py / fid.py / app.py need to rebuild the model."""
-    model_kwargs = dict(in_channels=images.shape[1], base_channels=args.base_channels,
-                        channel_mults=list(args.channel_mults), num_res_blocks=args.num_res_blocks,
-                        attn_resolutions=list(args.attn_resolutions), dropout=args.dropout,
-                        image_size=images.shape[-1], num_classes=num_classes)
-    diffusion_kwargs = dict(image_size=images.shape[-1], channels=images.shape[1], timesteps=args.timesteps,
-                            schedule=args.schedule, objective=args.objective, variance=args.variance,
-                            cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
-                            min_snr_gamma=args.min_snr_gamma)
-    train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
-    # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
-    # file names use args.run_name ("celeba" trains on dataset "faces").
-    return {"dataset": str(args.dataset), "model": model_kwargs, "diffusion": diffusion_kwargs,
-            "data": {"name": str(args.dataset), "image_size": images.shape[-1], "channels": images.shape[1],
-                     "class_names": class_names},
-            "train": train}
-
-
-def grid_seconds(n, steps, seconds_per_image_step):
-    """Estimated seconds to sample n images with `steps` network calls each."""
-    return n * steps * seconds_per_image_step
-
-
-def plan_final_grid(sample_count, steps, seconds_per_image_step, run_seconds, share=FINAL_GRID_SHARE):
-    """How many images the end-of-run grid can have so that it costs at most `share` of the run:
-    sample_count if affordable, else fewer (whole rows of a square-ish grid), else 0 (skip).
-    seconds_per_image_step: measured cost of one network call per image."""
-    budget = share * run_seconds
-    n = sample_count
-    while n >= 4 and grid_seconds(n, steps, seconds_per_image_step) > budget:
-        n //= 2
-    return n if n >= 4 else 0
-
-
-class Budget:
-    """--max-minutes as a deadline for the whole run (start-up and the end included), and the
-    progress bar's total: seconds of the budget when there is one, else steps."""
-
-    def __init__(self, max_minutes, t_start):
-        self.seconds = None if max_minutes is None else 60.0 * max_minutes
-        self.t_start = t_start
-
-    def elapsed(self):
-        return time.time() - self.t_start
-
-    def left(self):
-        return math.inf if self.seconds is None else self.seconds - self.elapsed()
-
-    def bar(self, steps, step, run_name, disable):
-        if self.seconds is None:
-            return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)
-        return tqdm(total=round(self.seconds), initial=round(self.elapsed()), unit="s", disable=disable,
-                    dynamic_ncols=True, desc=f"{run_name} (--max-minutes)",
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
-
-    def advance(self, pbar, step):
-        """Move the bar one step, or to the seconds used so far."""
-        if self.seconds is None:
-            pbar.update(1)
-        else:
-            pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
 
 
 # ----------------------------------------------------------------------------- the run's state
