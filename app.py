@@ -4,7 +4,7 @@
     python app.py --ckpt checkpoints/mnist_ema.pt   # only these (repeatable)
     python app.py --port 7861 --host 0.0.0.0        # serve on the network; --share for a public link
 
-Pick a checkpoint, a sampler (DDIM by default, 50 steps), a seed and how many images; for a
+Pick a checkpoint, a sampler (ancestral DDPM on a 50-step respacing by default), a seed and how many images; for a
 class-conditional model also the class and the classifier-free guidance weight w. The page shows
 x_t and the model's current guess x̂_0 side by side while the reverse chain runs, then the final
 grid, with the grid as a PNG to download. The page only lists the checkpoints it found: it never
@@ -33,8 +33,8 @@ from generate import SamplingError, make_grid, resolve_sampling, to_pil, to_uint
 
 # ----------------------------------------------------------------------------- defaults
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
-DEFAULT_SAMPLER = "DDIM"
-DEFAULT_STEPS = 50           # reverse steps (clipped to the checkpoint's T)
+DEFAULT_SAMPLER = "DDPM"     # ancestral on a respaced chain: the fast default of generate.py too
+DEFAULT_STEPS = 50           # network calls (clipped to the checkpoint's T)
 DEFAULT_IMAGES = 16
 MAX_IMAGES = 64
 DEFAULT_GUIDANCE = 2.0       # CFG w: out = (1 + w)·out(y) − w·out(∅); 0 = plain conditional
@@ -338,7 +338,9 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 if warning:
                     gr.Markdown(warning)
                 sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
-                                   info="DDIM (η = 0): deterministic, few steps; DDPM: ancestral, Algorithm 2")
+                                   info="DDPM: ancestral (all T steps = Algorithm 2; fewer = a respaced chain); "
+                                        "DDIM: deterministic; EDM: stochastic Heun; DPM-Solver++: ODE, for "
+                                        "well-trained models")
                 steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=min(DEFAULT_STEPS, first["T"]),
                                   step=1, label="Steps", info="reverse steps, at most T")
                 n = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Images")

@@ -42,7 +42,7 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
 
 
 def main(argv=None):
-    p = generate.build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID)
+    p = generate.build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None)
     p.add_argument("--per-class", type=int, default=10, help="images per class row in the labelled grid (default: 10)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the grid by this integer factor (default: 1)")
     args = p.parse_args(argv)

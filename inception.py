@@ -184,26 +184,27 @@ _NVLABS_CONV = re.compile(r"^(?:(tower(?:_\d)?)[._])?(mixed_)?conv(?:_(\d+))?$")
 NVLABS_PREFIX = "net.layers."
 
 
-def _fidelity_chains(convs):
-    """torch-fidelity conv names inside one block -> {branch: [names in the order applied]}."""
+def _chains(convs, pattern, parse, side):
+    """Conv names inside one block -> {branch or tower: [names in the order applied]}. pattern splits
+    a name; parse(match) -> (its branch or tower, its place in the chain)."""
     chains = {}
     for name in convs:
-        m = _FIDELITY_CONV.match(name)
+        m = pattern.match(name)
         if not m:
-            raise InceptionError(f"unexpected torch-fidelity conv {name!r}")
-        chains.setdefault(m[1], []).append((int(m[2] or 0), m[3], name))
-    return {b: [n for *_, n in sorted(c)] for b, c in chains.items()}
+            raise InceptionError(f"unexpected {side} conv {name!r}")
+        chain, place = parse(m)
+        chains.setdefault(chain, []).append((place, name))
+    return {c: [n for _, n in sorted(links)] for c, links in chains.items()}
+
+
+def _fidelity_chains(convs):
+    """torch-fidelity: "branch3x3dbl_2" is step 2 of branch "branch3x3dbl" ("_3a" before "_3b")."""
+    return _chains(convs, _FIDELITY_CONV, lambda m: (m[1], (int(m[2] or 0), m[3])), "torch-fidelity")
 
 
 def _nvlabs_chains(convs):
-    """NVlabs conv names inside one block -> {tower: [names in the order applied]}."""
-    chains = {}
-    for name in convs:
-        m = _NVLABS_CONV.match(name)
-        if not m:
-            raise InceptionError(f"unexpected NVlabs conv {name!r}")
-        chains.setdefault(m[1] or "", []).append((bool(m[2]), int(m[3] or 0), name))
-    return {t: [n for *_, n in sorted(c)] for t, c in chains.items()}
+    """NVlabs: "tower_1.conv_1" is step 2 of tower "tower_1"; a tower's "mixed_conv" comes after its convs."""
+    return _chains(convs, _NVLABS_CONV, lambda m: (m[1] or "", (bool(m[2]), int(m[3] or 0))), "NVlabs")
 
 
 def conv_mapping(template, nvlabs_shapes):

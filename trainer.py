@@ -366,8 +366,12 @@ def train(args, explicit):
                 run.save()
             t_log += time.time() - t_pause                 # img/s counts training time only
 
-            # Stop early enough that saving still fits in --max-minutes (the final grid sizes itself).
-            reserve = 2 * 3 * args.batch_size * (run.seconds_per_image_step or 0.0) + 2.0
+            # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
+            per_call = run.seconds_per_image_step or 0.0
+            reserve = 2 * 3 * args.batch_size * per_call + 2.0
+            if args.sample_every and budget.seconds is not None:
+                n_grid = plan_final_grid(args.sample_count, args.sample_steps, per_call, budget.seconds)
+                reserve += grid_seconds(n_grid, args.sample_steps, per_call)
             if any_rank(budget.left() <= reserve or stop["signal"] is not None, device, world):
                 reason = stop["signal"] or f"--max-minutes {args.max_minutes} used up"
                 break

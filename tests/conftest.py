@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 DATA_SET_BY_USER = "DDPM_DATA" in os.environ
 if not DATA_SET_BY_USER and (ROOT.parent / "shared" / "data").is_dir():
     os.environ["DDPM_DATA"] = str(ROOT.parent / "shared" / "data")
-DATA_DIR = Path(os.environ.get("DDPM_DATA", ROOT / "data"))
+DATA_DIR = Path(os.environ.get("DDPM_DATA", ROOT / "data")).resolve()     # tests may chdir
 DATA_MISSING = (f"real-data tests skipped: no mnist_train.npz in {DATA_DIR}. Point DDPM_DATA at the folder of "
                 "offline .npz copies (DDPM_DATA=path/to/data python -m pytest -q) to run them")
 skipped_for_data = []
