@@ -3,7 +3,7 @@
     python gpu_stage.py --prepare                     # here, once: pack data + wheels into .gpu/ (≤ 64 MiB)
     python gpu_stage.py --out $OUT                    # on the GPU machine: everything, within 8 minutes
     python gpu_stage.py --score runs/gpu_stage        # here: FID / proxy FID of the returned samples
-    python gpu_stage.py --device cpu --tiny --out /tmp/rehearsal    # the same command, tiny, in < 2 min
+    python gpu_stage.py --device cpu --tiny --out runs/rehearsal    # the same command, tiny, in < 2 min
 
 The minutes on the GPU (8 in all; machine start-up comes on top), in order of priority:
     CIFAR-10   5 min of training (torch.compile included), then 10,000 samples (about 0.5 min)
