@@ -41,6 +41,8 @@ DEFAULTS = dict(
 # Settings that fix the weights' shapes or the diffusion process: a resumed run must keep them.
 ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
              "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
+# What a checkpoint that predates these settings was trained with (its config has no such key).
+BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
@@ -237,7 +239,8 @@ def check_consistent(args):
 
 def resolve_resume(args, explicit, ckpt, path, say=print):
     """With --resume: take the checkpoint's settings, except the flags given now (which are printed)."""
-    saved = ckpt["config"]["train"]
+    # A checkpoint from before an option existed was trained as the option's neutral value says.
+    saved = {**BEFORE_OPTION, **ckpt["config"]["train"]}
     for key, value in saved.items():
         if key in SESSION_KEYS or not hasattr(args, key):
             continue

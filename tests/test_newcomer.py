@@ -204,3 +204,12 @@ def test_data_tests_say_in_the_summary_why_they_skipped_and_fail_on_a_wrong_ddpm
     wrong = subprocess.run(cmd, cwd=tmp_path, env={**env, "DDPM_DATA": str(tmp_path / "nowhere")},
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "holds no mnist_train.npz" in wrong.stdout
+
+
+def test_resuming_a_checkpoint_from_before_loss_weighting_keeps_training_it_as_it_was():
+    import train_args
+    args, explicit = train_args.parse_args(train_mnist.DEFAULTS, ["--resume"])
+    assert args.loss_weighting == "min_snr"                            # today's MNIST default
+    old = {"config": {"train": {k: v for k, v in vars(args).items() if k not in ("loss_weighting", "min_snr_gamma")}}}
+    train_args.resolve_resume(args, explicit, old, "old.pt", say=lambda *a: None)
+    assert args.loss_weighting == "simple"                             # as that checkpoint was trained
