@@ -21,7 +21,7 @@ import torch
 import train_celeba
 import train_cifar
 import train_mnist
-from checkpoint import pick_device, synchronize as sync
+from checkpoint import autocast as bf16_autocast, bf16_fast, pick_device, synchronize as sync
 from diffusion import GaussianDiffusion
 from ema import EMA
 from unet import UNet
@@ -77,7 +77,7 @@ def flops_per_image(model, x, t):
 
 def measure(model, diffusion, device, batch, steps, warmup, compile_model, amp=True):
     """-> (train img/s, sample img/s) of one model: a full training step (loss, backward, clip,
-    AdamW, EMA) and one network evaluation in eval mode, bf16 autocast on CUDA."""
+    AdamW, EMA) and one network evaluation in eval mode, bf16 autocast where it is fast (bf16_fast)."""
     cuda = device.type == "cuda"
     model.to(device)
     diffusion.to(device)
@@ -86,7 +86,7 @@ def measure(model, diffusion, device, batch, steps, warmup, compile_model, amp=T
     train_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     ema = EMA(model, 0.9999)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp)
+    autocast = bf16_autocast(device, amp)
     channels, size = diffusion.channels, diffusion.image_size
     x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
     if cuda:
@@ -192,7 +192,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN autotune, compile)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast where it is fast: CUDA, CPUs with AVX512-BF16 or AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -204,7 +205,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device {device} ({hw}); torch {torch.__version__}; amp {args.amp and device.type == 'cuda'}; "
+    print(f"device {device} ({hw}); torch {torch.__version__}; bf16 autocast {args.amp and bf16_fast(device)}; "
           f"compile {args.compile}; {args.steps} timed steps after {args.warmup} warmup")
     for name in (CONFIGS if args.config == "all" else [args.config]):
         bench(name, args, device)

@@ -83,6 +83,8 @@ class GaussianDiffusion(nn.Module):
     cond_drop_prob: in training, the share of labels replaced by the null label (CFG).
     loss_weighting: "simple" (DDPM eq. 14, every t weighted alike) or "min_snr" (Hang et al. 2023:
         each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
+    amp (attribute, default False): run the network under bf16 autocast while sampling; the
+        sampler's arithmetic stays float32. load_for_sampling turns it on where bf16 is fast.
     """
 
     def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
@@ -110,6 +112,7 @@ class GaussianDiffusion(nn.Module):
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
         self.num_classes = getattr(model, "num_classes", None)
+        self.amp = False
 
         betas = SCHEDULES[schedule](timesteps)                                       # float64 (T,)
         alphas = 1 - betas                                                           # α_t = 1 − β_t
@@ -175,19 +178,20 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ the network's view
 
     def network(self, xt, t, labels=None, guidance=0.0):
-        """The network's output at (x_t, t), run once (twice with guidance), in float32.
+        """The network's output at (x_t, t), run once (twice with guidance), in float32 (the
+        network itself in bf16 if self.amp).
 
         Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = (1 + w)·out(y) − w·out(∅).
         Every parameterisation is linear in the network's output at fixed x_t, so mixing raw
         outputs equals mixing the implied ε. t: (B,) ints, or floats between steps (EDM).
         """
-        if labels is not None and guidance != 0.0:
-            null = torch.full_like(labels, self.num_classes)
-            out_cond, out_uncond = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-            out = (1 + guidance) * out_cond - guidance * out_uncond
-        else:
-            out = self.model(xt, t, labels).float()
-        return out
+        with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if labels is not None and guidance != 0.0:
+                null = torch.full_like(labels, self.num_classes)
+                out = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null]))
+                out_cond, out_uncond = out.float().chunk(2)
+                return (1 + guidance) * out_cond - guidance * out_uncond
+            return self.model(xt, t, labels).float()
 
     def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True):
         """Run the network once (twice with guidance) at integer steps t and return (ε_θ, x̂_0).

@@ -38,12 +38,13 @@ MOSAIC_COLUMNS = 250
 
 # The CIFAR-10 recipe for ~5 minutes of one H100 (the paper's lr 2e-4 / EMA 0.9999 / batch 128
 # is tuned for 800k steps; a few thousand steps want a larger batch, a higher peak lr, no
-# dropout (nothing is memorised in 20 epochs) and an EMA horizon of a few hundred steps).
+# dropout (nothing is memorised in 20 epochs), an EMA horizon of a few hundred steps, and the
+# learning rate decayed linearly to 0 over the budget (on MNIST: proxy FID 0.73 -> 0.59).
 CIFAR = ["--base-channels", "128", "--channel-mults", "1,2,2,2", "--num-res-blocks", "2", "--attn-resolutions", "16",
-         "--dropout", "0.0", "--batch-size", "256", "--lr", "6e-4", "--warmup-steps", "200",
+         "--dropout", "0.0", "--batch-size", "256", "--lr", "6e-4", "--warmup-steps", "200", "--lr-schedule", "linear",
          "--ema-decay", "0.999", "--ema-warmup", "--sample-every", "0", "--save-every", "0", "--log-every", "100"]
 FACES = ["--base-channels", "128", "--channel-mults", "1,2,2,2", "--num-res-blocks", "1", "--attn-resolutions", "16",
-         "--dropout", "0.0", "--batch-size", "128", "--lr", "4e-4", "--warmup-steps", "100",
+         "--dropout", "0.0", "--batch-size", "128", "--lr", "4e-4", "--warmup-steps", "100", "--lr-schedule", "linear",
          "--ema-decay", "0.998", "--ema-warmup", "--sample-every", "0", "--save-every", "0", "--log-every", "50"]
 TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "none",
         "--batch-size", "16", "--limit-data", "256", "--timesteps", "50", "--sample-every", "0", "--save-every", "0",
@@ -157,9 +158,8 @@ def sample(ckpt, n, sampler, steps, device, batch, compile_model):
     diffusion, config = load_for_sampling(ckpt, device)
     if compile_model:
         diffusion.model = torch.compile(diffusion.model)
-    t0 = time.time()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        images = sample_images(diffusion, n, sampler=sampler, steps=steps, batch_size=batch, seed=0, progress=False)
+    t0 = time.time()                      # (load_for_sampling runs the network in bf16 on the GPU)
+    images = sample_images(diffusion, n, sampler=sampler, steps=steps, batch_size=batch, seed=0, progress=False)
     synchronize(device)
     return images, time.time() - t0
 

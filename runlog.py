@@ -46,6 +46,10 @@ class Budget:
     def left(self):
         return math.inf if self.seconds is None else self.seconds - self.elapsed()
 
+    def time_used(self):
+        """The share of --max-minutes used so far, in [0, 1]; 0 without a budget."""
+        return 0.0 if self.seconds is None else min(1.0, self.elapsed() / self.seconds)
+
     def bar(self, steps, step, run_name, disable):
         if self.seconds is None:
             return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)

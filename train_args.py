@@ -27,7 +27,8 @@ DEFAULTS = dict(
     timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", loss_weighting="simple",
     min_snr_gamma=5.0,
     # optimisation
-    steps=10_000, max_minutes=None, batch_size=128, lr=2e-4, weight_decay=0.0, warmup_steps=1000,
+    steps=10_000, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
+    warmup_steps=1000,
     grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, max_nan_steps=5,
     # feedback and outputs
     log_every=50, sample_every=1000, sample_count=64, sample_sampler="ddpm", sample_steps=100, save_every=5000,
@@ -38,11 +39,12 @@ DEFAULTS = dict(
     # test hooks (hidden from --help)
     debug_nan_steps=[], debug_dump_dir=None, debug_sync_free=False,
 )
+LR_SCHEDULES = ("constant", "linear", "cosine")
 # Settings that fix the weights' shapes or the diffusion process: a resumed run must keep them.
 ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
              "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
 # What a checkpoint that predates these settings was trained with (its config has no such key).
-BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0}
+BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant"}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
@@ -144,6 +146,9 @@ def build_parser(defaults, presets, description):
                         "the run stops cleanly, saves and can be --resume'd")
     g.add_argument("--batch-size", type=POSITIVE, help="images per step, summed over all processes")
     g.add_argument("--lr", type=number(float, 0, low_open=True), help="peak AdamW learning rate")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="after warmup: constant (DDPM), or decay to 0 over the run, linear or cosine; the run's "
+                        "end is --steps or --max-minutes, whichever comes first")
     g.add_argument("--weight-decay", type=number(float, 0), help="AdamW weight decay (DDPM used none)")
     g.add_argument("--warmup-steps", type=COUNT, help="linear learning-rate warmup, in steps")
     g.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient's global norm to this")
@@ -175,7 +180,8 @@ def build_parser(defaults, presets, description):
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=COUNT, help="seeds the weights, the noise and the data order")
     g.add_argument("--device", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
-    g.add_argument("--amp", action=B, help="bf16 autocast on CUDA (ignored elsewhere)")
+    g.add_argument("--amp", action=B, help="bf16 autocast on CUDA and on CPUs with native bf16 "
+                   "(AVX512-BF16 or AMX; ignored elsewhere)")
     g.add_argument("--compile", action=B, help="torch.compile the UNet (CUDA; minutes to compile, faster after)")
     g.add_argument("--num-workers", type=COUNT, help="DataLoader workers, used only for a dataset that does not fit "
                                                      "on the GPU")

@@ -1,20 +1,25 @@
-"""Train a DDPM on MNIST digits (28×28 grey); on a 2-core CPU, recognisable digits in 15 minutes.
+"""Train a DDPM on MNIST digits (28×28 grey); on a 2-core CPU, digits a classifier is sure of in 15 minutes.
 
     DDPM_DATA=../shared/data python train_mnist.py --max-minutes 15
-    python generate.py --ckpt checkpoints/mnist_ema.pt          # then sample from it
+    python generate.py --ckpt checkpoints/mnist_ema.pt          # then sample from it: one digit per column
+    python train_mnist.py --no-class-cond --objective eps --schedule linear --lr-schedule constant \
+        --loss-weighting simple                                 # the paper's own model and loss, for comparison
 """
 
 import trainer
 
+# Every choice below won a 15-minute run on a 2-core CPU (README, "What made MNIST better").
 DEFAULTS = dict(
     dataset="mnist",
-    class_cond=False,  # the paper's unconditional model: 15 CPU minutes give clean digits (DDPM sampler); with
-                       # --class-cond each digit lands in its column, but many come out on grey backgrounds
+    class_cond=True,                   # labels: proxy FID 0.55 -> 0.26, confident 80% -> 94% (w = 0);
+                                       # --no-class-cond trains the paper's unconditional model
     base_channels=16, channel_mults=[1, 2, 4], num_res_blocks=1,   # 16/32/64 channels at 28/14/7 px
     attn_resolutions=[], dropout=0.0,                              # (the middle block has attention)
-    timesteps=1000, schedule="linear",
-    loss_weighting="min_snr", min_snr_gamma=5.0,                   # Min-SNR-γ: won the 15-minute comparison
+    timesteps=1000, schedule="cosine",                             # cosine: 0.59 -> 0.57 in fewer steps
+    objective="v",                     # v-prediction: no grey blobs with labels (ε's error × 1/√ᾱ_t in x̂_0)
+    loss_weighting="min_snr", min_snr_gamma=5.0,                   # Min-SNR-γ: DDIM-50 FID 25.9 -> 6.80
     batch_size=128, lr=2e-3, warmup_steps=100,                     # lr: peak; warmup: steps (batch 64: worse)
+    lr_schedule="linear",                                          # decay to 0 over the run: 0.73 -> 0.59
     ema_decay=0.999, ema_warmup=True,                              # ~1k-step horizon, short warmup
     steps=20_000, log_every=50, sample_every=1000, save_every=500,  # steps (a grid costs ~10 s of training)
 )

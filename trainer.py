@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 import data
-from checkpoint import (CheckpointError, any_rank, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                        setup_distributed)
+from checkpoint import (CheckpointError, autocast, bf16_fast, load_checkpoint, rank_max, rng_state,
+                        save_checkpoint, set_rng_state, setup_distributed)
 from diffusion import GaussianDiffusion
 from ema import EMA
 from generate import classes_in_turn, make_grid, save_grid, to_uint8
@@ -41,6 +41,16 @@ from train_args import check_consistent, make_config, parse_args, resolve_resume
 from unet import UNet
 
 # ----------------------------------------------------------------------------- small pieces
+
+def learning_rate(args, step, progress):
+    """Peak --lr after a linear warmup of --warmup-steps, times --lr-schedule at progress ∈ [0, 1]:
+    constant (DDPM), linear to 0 (the best schedule for a fixed budget in Li et al. 2020,
+    "Budgeted training") or cosine to 0 (Loshchilov & Hutter 2017)."""
+    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    decay = {"constant": 1.0, "linear": 1.0 - progress,
+             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[args.lr_schedule]
+    return args.lr * warmup * decay
+
 
 def all_finite(tensors):
     return all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point())
@@ -59,7 +69,9 @@ class Run:
         self.master = rank == 0
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.ema_diffusion = GaussianDiffusion(self.ema_model, **config["diffusion"]).to(device)
+        self.ema_diffusion.amp = args.amp and bf16_fast(device)      # grids and evaluations as generate.py draws them
         self.step, self.nan_skipped, self.nan_streak, self.train_seconds = 0, 0, 0, 0.0
+        self.progress = 0.0     # of the run, in [0, 1]: the larger of step/--steps and --max-minutes used
         self.seconds_per_image_step = None      # one network call per image, measured while training
         self.runlog = None
         # CUDA: a step never waits for the host; elsewhere the skip decision is a free host check.
@@ -124,7 +136,7 @@ class Run:
         full = {"config": self.config, "model": weights, "ema": ema_state, "optimizer": self.opt.state_dict(),
                 "step": self.step, "rng": rng_state(self.device), "data_state": self.batches.state_dict(),
                 "nan_skipped": self.nan_skipped, "nan_streak": self.nan_streak, "train_seconds": self.train_seconds,
-                "versions": {"torch": str(torch.__version__)}}
+                "progress": self.progress, "versions": {"torch": str(torch.__version__)}}
         if self.world > 1:
             full["rng_ranks"] = states
         save_checkpoint(full, self.ckpt_path)
@@ -253,6 +265,7 @@ def build_run(args, explicit, device, rank, world, say):
         batches.load_state_dict(ckpt["data_state"])
         run.step, run.nan_skipped, run.nan_streak = ckpt["step"], ckpt["nan_skipped"], ckpt["nan_streak"]
         run.train_seconds = ckpt.get("train_seconds", 0.0)
+        run.progress = ckpt.get("progress", run.step / args.steps)
         states = ckpt.get("rng_ranks") or [ckpt["rng"]]
         if len(states) == world:
             set_rng_state(states[rank], device)
@@ -262,7 +275,7 @@ def build_run(args, explicit, device, rank, world, say):
         torch.manual_seed(args.seed + 1000 * rank)     # same initial weights, different noise per rank
 
     n_params = sum(p.numel() for p in model.parameters())
-    use_amp = device.type == "cuda" and args.amp
+    use_amp = args.amp and bf16_fast(device)
     say(f"=== {args.run_name}: {len(images)} images {tuple(images.shape[1:])}, classes: {class_names}")
     say(f"=== UNet {n_params / 1e6:.2f}M parameters on {device}"
         f"{f' × {world} processes (DDP)' if world > 1 else ''}"
@@ -290,7 +303,7 @@ def train(args, explicit):
         run.runlog = RunLog(log_folder, run.step if args.resume else None, args.tensorboard)
         say(f"=== writing {run.ckpt_path}, {run.ema_path}, grids in {args.sample_dir}/, logs in {log_folder}/"
             f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.amp)
+    amp = autocast(device, args.amp)
 
     # Ctrl-C / SIGTERM: finish the step, save, stop. The handler steps aside after the first
     # signal, so a second one ends the process at once, whatever it is doing.
@@ -308,6 +321,11 @@ def train(args, explicit):
     pbar = budget.bar(args.steps, run.step, args.run_name, disable=not master)
     t_loop, t_log, n_log = time.time(), time.time(), 0
     train_seconds_before, first_step = run.train_seconds, run.step
+    # The run's progress drives --lr-schedule. With --max-minutes it is also time: a resumed run goes
+    # on from where it stood and reaches 1 at this session's end. Every rank uses the largest clock
+    # of all ranks, so that they all take the same step.
+    progress_before = run.progress
+    time_used = rank_max([budget.time_used()], device, world)[0]
     if run.step:
         run.sums[4] = run.nan_streak
     reason = "reached --steps"
@@ -317,7 +335,8 @@ def train(args, explicit):
             x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            lr = args.lr * min(1.0, (run.step + 1) / max(1, args.warmup_steps))    # linear warmup
+            run.progress = max(run.step / args.steps, progress_before + (1 - progress_before) * time_used)
+            lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
             for group in run.opt.param_groups:
                 group["lr"] = lr
             with amp:
@@ -372,7 +391,9 @@ def train(args, explicit):
             if args.sample_every and budget.seconds is not None:
                 n_grid = plan_final_grid(args.sample_count, args.sample_steps, per_call, budget.seconds)
                 reserve += grid_seconds(n_grid, args.sample_steps, per_call)
-            if any_rank(budget.left() <= reserve or stop["signal"] is not None, device, world):
+            stopping, time_used = rank_max([budget.left() <= reserve or stop["signal"] is not None,
+                                            budget.time_used()], device, world)
+            if stopping:
                 reason = stop["signal"] or f"--max-minutes {args.max_minutes} used up"
                 break
     finally:

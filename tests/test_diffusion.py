@@ -265,6 +265,24 @@ def test_x0_eps_v_conversions_round_trip(schedule):
     assert not torch.allclose(diffusion.predict_x0_from_eps(xt, t, eps + 0.1), x0, atol=1e-3)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_an_error_in_eps_reaches_x0_times_sqrt_one_minus_over_alpha_bar_and_in_v_at_most_once(schedule):
+    """Why class-conditional ε-models drew grey blobs (README, "Class-conditional MNIST"): an error
+    δ in ε̂ moves x̂_0 by −δ·√(1−ᾱ_t)/√ᾱ_t, which grows without bound at high noise (over 100× at
+    the last step of either schedule), while an error δ in v̂ moves it by −δ·√(1−ᾱ_t), at most δ."""
+    diffusion = make_diffusion(schedule=schedule)
+    _, _, alpha_bar, _ = reference(schedule, 1000)
+    t = torch.tensor([10, 500, 900, 998])
+    ab = per_sample(alpha_bar, t).float()
+    xt, delta = torch.randn(4, 1, 2, 2), 0.01
+    zero = torch.zeros_like(xt)
+    eps_shift = diffusion.predict_x0_from_eps(xt, t, zero + delta) - diffusion.predict_x0_from_eps(xt, t, zero)
+    v_shift = diffusion.predict_x0_from_v(xt, t, zero + delta) - diffusion.predict_x0_from_v(xt, t, zero)
+    assert torch.allclose(eps_shift, -delta * ((1 - ab) / ab).sqrt(), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(v_shift, -delta * (1 - ab).sqrt(), rtol=1e-3, atol=1e-6)
+    assert v_shift.abs().max() <= delta and eps_shift[3].abs().min() > 100 * delta
+
+
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_posterior_log_variance_clipped_at_first_step_as_ddpm_code(variance):
     # β̃_0 = 0, so log σ² at t = 0 is log β̃_1 (DDPM's posterior_log_variance_clipped / "fixedlarge").

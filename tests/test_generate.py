@@ -192,3 +192,32 @@ def test_new_samplers_run_from_the_command_line_with_their_call_count(tiny_check
 def test_churn_is_only_for_edm(tiny_checkpoint):
     msg = refusal(["--ckpt", str(tiny_checkpoint()), "--sampler", "ddim", "--churn", "10"])
     assert "--churn" in msg and "edm" in msg
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_amp_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_checkpoint, monkeypatch):
+    """With diffusion.amp the network's matmuls run in bf16 and its output comes back float32, close
+    to the float32 network's; load_for_sampling(amp=False) and --no-amp keep float32 everywhere."""
+    from checkpoint import load_for_sampling
+    ckpt = tiny_checkpoint()
+    diffusion, _ = load_for_sampling(ckpt, "cpu", amp=False)
+    assert diffusion.amp is False
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 5, 10, 19])
+    with torch.no_grad():
+        exact = diffusion.network(x, t)
+        diffusion.amp = True
+        seen = []
+        hook = diffusion.model.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        half = diffusion.network(x, t)
+        hook.remove()
+    assert seen == [torch.bfloat16] and half.dtype == torch.float32
+    assert (half - exact).abs().max() < 0.05 * exact.abs().max() and not torch.equal(half, exact)
+    parsed = generate.build_parser().parse_args(["--ckpt", str(ckpt), "--no-amp"])
+    assert parsed.amp is False and generate.build_parser().parse_args([]).amp is True
+    opened = []
+    monkeypatch.setattr(generate, "load_for_sampling", lambda path, device, amp: opened.append(amp) or
+                        load_for_sampling(path, device, amp))
+    generate.sample_from_args(generate.build_parser().parse_args(
+        ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--no-amp", "--device", "cpu"]))
+    assert opened == [False]

@@ -50,7 +50,7 @@ def test_conflicting_settings_are_refused_before_any_data_or_file(tmp_path, caps
                       capsys)
     assert "--sample-steps 100" in message and "--timesteps 50" in message and "T = 50" in message
     assert not (tmp_path / "ck").exists() and not (tmp_path / "runs").exists()
-    message = refused(["--image-size", "30", "--channel-mults", "1,2,4"], capsys)
+    message = refused(["--image-size", "30", "--channel-mults", "1,2,4", "--ckpt-dir", str(tmp_path / "ck")], capsys)
     assert "--image-size 30" in message and "divisible by 4" in message
 
 

@@ -74,7 +74,8 @@ def test_each_trainer_writes_a_checkpoint_that_rebuilds_from_its_config(
 
 def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     """4 steps in one go equal 2 steps, a stop, and --resume to step 4: weights, EMA, optimiser, RNG."""
-    common = ["--dropout", "0.1", "--class-cond"]                      # dropout and label drops use the RNG too
+    common = ["--dropout", "0.1", "--class-cond",                      # dropout and label drops use the RNG too
+              "--lr-schedule", "constant"]                            # (a decay would end at --steps 2)
     whole = run(train_mnist, tmp_path / "whole", "--steps", "4", *common)
     split = run(train_mnist, tmp_path / "split", "--steps", "2", *common)
     run(train_mnist, tmp_path / "split", "--steps", "4", "--resume")   # settings come from the checkpoint
@@ -84,6 +85,31 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
         tensors_equal(a[key], b[key], key)
     rows = (tmp_path / "split" / "runs" / "mnist" / "log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def lrs(folder, name="mnist"):
+    rows = (folder / "runs" / name / "log.csv").read_text().splitlines()
+    column = rows[0].split(",").index("lr")
+    return [float(r.split(",")[column]) for r in rows[1:]]
+
+
+def test_lr_schedule_decays_over_the_steps_and_a_resume_goes_on_from_where_it_stood(data_dir, tmp_path):
+    """Warmup 2, then linear decay to 0: step s (from 0) gets lr·min(1, (s+1)/2)·(1 − s/steps).
+    Resumed with a larger --steps, the decay does not jump back up: progress is the larger of
+    step/steps and the progress the checkpoint stored."""
+    run(train_mnist, tmp_path, "--steps", "4", "--lr", "1e-3", "--lr-schedule", "linear")
+    assert lrs(tmp_path) == pytest.approx([1e-3 * 0.5, 1e-3 * 0.75, 1e-3 * 0.5, 1e-3 * 0.25])
+    assert torch.load(tmp_path / "ckpt" / "mnist.pt", weights_only=True)["progress"] == 0.75
+    run(train_mnist, tmp_path, "--steps", "8", "--resume")
+    assert lrs(tmp_path)[4:] == pytest.approx([2.5e-4, 2.5e-4, 2.5e-4, 1e-3 * (1 - 7 / 8)])
+
+
+@pytest.mark.parametrize("schedule, progress, factor", [
+    ("constant", 0.7, 1.0), ("linear", 0.25, 0.75), ("cosine", 0.5, 0.5), ("cosine", 1.0, 0.0)])
+def test_learning_rate_schedules(schedule, progress, factor):
+    args, _ = trainer.parse_args(train_mnist.DEFAULTS, ["--lr", "2e-3", "--warmup-steps", "10", "--lr-schedule", schedule])
+    assert trainer.learning_rate(args, 99, progress) == pytest.approx(2e-3 * factor, abs=1e-12)
+    assert trainer.learning_rate(args, 4, progress) == pytest.approx(2e-3 * factor * 0.5, abs=1e-12)   # warmup
 
 
 def test_a_nan_loss_skips_the_step_and_leaves_the_weights_finite(data_dir, tmp_path):
@@ -203,8 +229,8 @@ def test_sync_free_step_skips_a_nan_on_the_device_and_aborts_a_run_of_them(data_
 
 
 def test_sync_free_resume_continues_bit_for_bit(data_dir, tmp_path):
-    whole = run(train_mnist, tmp_path / "whole", "--steps", "4", "--debug-sync-free")
-    split = run(train_mnist, tmp_path / "split", "--steps", "2", "--debug-sync-free")
+    whole = run(train_mnist, tmp_path / "whole", "--steps", "4", "--debug-sync-free", "--lr-schedule", "constant")
+    split = run(train_mnist, tmp_path / "split", "--steps", "2", "--debug-sync-free", "--lr-schedule", "constant")
     run(train_mnist, tmp_path / "split", "--steps", "4", "--resume", "--debug-sync-free")
     a = torch.load(whole / "mnist.pt", weights_only=True)
     b = torch.load(split / "mnist.pt", weights_only=True)
