@@ -83,13 +83,17 @@ class GaussianDiffusion(nn.Module):
     cond_drop_prob: in training, the share of labels replaced by the null label (CFG).
     loss_weighting: "simple" (DDPM eq. 14, every t weighted alike) or "min_snr" (Hang et al. 2023:
         each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
+    clip_denoised: the samplers' default for clamping each step's x̂_0 to [−1, 1] (DDPM's code,
+        not its equations). The clamp cuts only the errors that point out of the range, so where
+        the data sit on its edge (MNIST's black background) it pushes x̂_0 inwards, and the chain
+        carries that bias into every later step. train_mnist.py turns it off.
     amp (attribute, default False): run the network under bf16 autocast while sampling; the
         sampler's arithmetic stays float32. load_for_sampling turns it on where bf16 is fast.
     """
 
     def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
                  objective="eps", variance="beta_tilde", cond_drop_prob=0.1, loss_weighting="simple",
-                 min_snr_gamma=5.0):
+                 min_snr_gamma=5.0, clip_denoised=True):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -111,6 +115,7 @@ class GaussianDiffusion(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
+        self.clip_denoised = bool(clip_denoised)
         self.num_classes = getattr(model, "num_classes", None)
         self.amp = False
 
@@ -193,11 +198,12 @@ class GaussianDiffusion(nn.Module):
                 return (1 + guidance) * out_cond - guidance * out_uncond
             return self.model(xt, t, labels).float()
 
-    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=True):
+    def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=None):
         """Run the network once (twice with guidance) at integer steps t and return (ε_θ, x̂_0).
 
-        With clip_denoised, x̂_0 is clamped to [−1, 1] (the data range; not in the equations, but
-        in the DDPM code) and ε is recomputed from it, so the pair stays consistent.
+        With clip_denoised (None: self.clip_denoised), x̂_0 is clamped to [−1, 1] (the data range;
+        not in the equations, but in the DDPM code) and ε is recomputed from it, so the pair stays
+        consistent.
         """
         out = self.network(xt, t, labels, guidance)
         if self.objective == "eps":
@@ -208,7 +214,7 @@ class GaussianDiffusion(nn.Module):
         else:
             x0 = self.predict_x0_from_v(xt, t, out)
             eps = self.predict_eps_from_x0(xt, t, x0)
-        if clip_denoised:
+        if self.clips(clip_denoised):
             x0 = x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, t, x0)
         return eps, x0
@@ -279,7 +285,7 @@ class GaussianDiffusion(nn.Module):
         w = t - low
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
 
-    def denoise(self, x, sigma, labels=None, guidance=0.0, clip_denoised=True):
+    def denoise(self, x, sigma, labels=None, guidance=0.0, clip_denoised=None):
         """EDM's denoiser D(x; σ) = x̂_0 for this discrete model. x: (B, C, H, W) in EDM's scaling
         x = x_0 + σ·ε (DDPM eq. 4 divided by √ᾱ), sigma: a float in [σ_0, σ_{T−1}].
 
@@ -298,7 +304,11 @@ class GaussianDiffusion(nn.Module):
             x0 = out
         else:
             x0 = alpha_bar * x - sigma * math.sqrt(alpha_bar) * out               # √ᾱ·x_t − √(1−ᾱ)·v
-        return x0.clamp(-1, 1) if clip_denoised else x0
+        return x0.clamp(-1, 1) if self.clips(clip_denoised) else x0
+
+    def clips(self, clip_denoised=None):
+        """Whether x̂_0 is clamped: the caller's choice, else (None) this model's clip_denoised."""
+        return self.clip_denoised if clip_denoised is None else bool(clip_denoised)
 
     def edm_sigmas(self, calls, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
         """EDM Alg. 2's noise levels for `calls` network calls: [(σ_i, σ̂_i, σ_{i+1}, heun)] for i = 0 … N−1.
@@ -364,9 +374,10 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample_iter(self, n, *, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-                    clip_denoised=True, x_T=None, generator=None, progress=True,
+                    clip_denoised=None, x_T=None, generator=None, progress=True,
                     churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX, s_noise=S_NOISE):
-        """Yield (t, x_t, x̂_0) after every network call; the last x_t is the sample, in [−1, 1].
+        """Yield (t, x_t, x̂_0) after every network call; the last x_t is the sample (sample() clamps it
+        to [−1, 1]).
 
         sampler "ddpm": DDPM Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
             ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
@@ -378,7 +389,9 @@ class GaussianDiffusion(nn.Module):
             √ᾱ·x_0 + √(1−ᾱ)·ε, also for "edm", whose x_σ = x_t/√ᾱ stays inside.
         generator: a torch.Generator for the noise, for reproducible samples; its device is where
             the noise is drawn (use a CPU generator for the same images on every device).
+        clip_denoised: clamp x̂_0 to [−1, 1] at every step; None: this model's clip_denoised.
         """
+        clip_denoised = self.clips(clip_denoised)
         ts = self.sampling_timesteps(sampler, steps, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax)
         self._check_labels(labels, n)
         if sampler in ("edm", "dpmpp2m") and eta != 0.0:

@@ -227,6 +227,9 @@ def add_sampling_args(p, n=64, steps=FAST_STEPS):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="run the network in bf16 where that is fast: CUDA, and CPUs with AVX512-BF16 or AMX "
                         "(--no-amp: float32; default: on)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp each step's x̂_0 to [−1, 1] (DDPM's code; --no-clip-denoised: the equations as "
+                        "written; default: the checkpoint's, off for train_mnist.py's models)")
     return p
 
 
@@ -272,15 +275,16 @@ def sample_from_args(args):
                 "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
                 "churn": (CHURN if args.churn is None else args.churn) if args.sampler == "edm" else None,
                 "labels": label_desc, "guidance": args.guidance if labels is not None else None,
-                "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
+                "clip_denoised": diffusion.clips(args.clip_denoised), "n": args.n, "batch_size": args.batch_size,
+                "seed": args.seed, "device": str(device),
                 "precision": "bf16 autocast" if diffusion.amp else "float32"}
     print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
     trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
     t0 = time.perf_counter()
     extra = {"churn": args.churn} if args.sampler == "edm" and args.churn is not None else {}
     out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels, **extra,
-                        guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
-                        trajectory_every=trajectory_every)
+                        guidance=args.guidance, clip_denoised=args.clip_denoised, batch_size=args.batch_size,
+                        seed=args.seed, trajectory_every=trajectory_every)
     synchronize(device)
     resolved["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"sampled {args.n} images in {resolved['seconds']} s ({args.n / max(resolved['seconds'], 1e-9):.1f} img/s)")

@@ -24,8 +24,8 @@ DEFAULTS = dict(
     # model (UNet)
     base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
     # diffusion
-    timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", loss_weighting="simple",
-    min_snr_gamma=5.0,
+    timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", clip_denoised=True,
+    loss_weighting="simple", min_snr_gamma=5.0,
     # optimisation
     steps=10_000, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
     warmup_steps=1000,
@@ -44,7 +44,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mults", "num_res_blocks",
              "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
 # What a checkpoint that predates these settings was trained with (its config has no such key).
-BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant"}
+BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant",
+                 "clip_denoised": True}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
@@ -136,6 +137,8 @@ def build_parser(defaults, presets, description):
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="β schedule")
     g.add_argument("--objective", choices=OBJECTIVES, help="what the network predicts: ε (DDPM), x_0 or v")
     g.add_argument("--variance", choices=VARIANCES, help="reverse-step variance σ_t²: β̃_t or β_t")
+    g.add_argument("--clip-denoised", action=B, help="the model's sampling default: clamp each step's x̂_0 to "
+                   "[−1, 1] (DDPM's code; generate.py --no-clip-denoised overrides it)")
     g.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help="weight of each t in the loss: simple (DDPM "
                    "eq. 14, all alike) or min_snr (Hang et al. 2023, Min-SNR-γ)")
     g.add_argument("--min-snr-gamma", type=number(float, 0, low_open=True), help="γ of --loss-weighting min_snr")
@@ -268,8 +271,8 @@ def make_config(args, images, class_names, num_classes):
                         image_size=images.shape[-1], num_classes=num_classes)
     diffusion_kwargs = dict(image_size=images.shape[-1], channels=images.shape[1], timesteps=args.timesteps,
                             schedule=args.schedule, objective=args.objective, variance=args.variance,
-                            cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
-                            min_snr_gamma=args.min_snr_gamma)
+                            clip_denoised=args.clip_denoised, cond_drop_prob=args.cond_drop_prob,
+                            loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma)
     train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
     # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
     # file names use args.run_name ("celeba" trains on dataset "faces").

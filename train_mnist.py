@@ -17,6 +17,8 @@ DEFAULTS = dict(
     attn_resolutions=[], dropout=0.0,                              # (the middle block has attention)
     timesteps=1000, schedule="cosine",                             # cosine: 0.59 -> 0.57 in fewer steps
     objective="v",                     # v-prediction: no grey blobs with labels (ε's error × 1/√ᾱ_t in x̂_0)
+    clip_denoised=False,               # sample without clamping x̂_0: the clamp lifts the black background;
+                                       # ancestral-50 0.26 -> 0.15, DDPM-1000 0.43 -> 0.22
     loss_weighting="min_snr", min_snr_gamma=5.0,                   # Min-SNR-γ: DDIM-50 FID 25.9 -> 6.80
     batch_size=128, lr=2e-3, warmup_steps=100,                     # lr: peak; warmup: steps (batch 64: worse)
     lr_schedule="linear",                                          # decay to 0 over the run: 0.73 -> 0.59

@@ -37,7 +37,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=20, objective="eps",
-                    dataset="mnist", class_names=None, seed=0):
+                    dataset="mnist", class_names=None, seed=0, clip_denoised=None):
     """Write a tiny, randomly initialised checkpoint in the trainers' format and return its config.
 
     The zero-initialised output layers are filled with small random values so that the output
@@ -58,6 +58,8 @@ def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=
         "data": {"name": dataset, "image_size": image_size, "channels": channels, "class_names": class_names},
         "train": {},
     }
+    if clip_denoised is not None:                 # else: as a checkpoint from before the option (clamps)
+        config["diffusion"]["clip_denoised"] = clip_denoised
     torch.manual_seed(seed)
     diffusion = build_diffusion(config)
     with torch.no_grad():

@@ -387,6 +387,45 @@ def test_ddpm_last_step_adds_no_noise():
     assert not torch.allclose(finals[0], finals[1])                 # the two runs did draw different noise
 
 
+class LeakyDenoiser(nn.Module):
+    """An x_0-predicting model for data that are −1 everywhere (MNIST's background) that denoises only
+    partly: x̂_0 = −1 + λ·(x_t + √ᾱ_t). Its error λ·√(1−ᾱ_t)·ε has mean 0 on q(x_t | x_0 = −1)."""
+    num_classes = None
+
+    def __init__(self, lam=0.3):
+        super().__init__()
+        self.lam, self.alpha_bar = lam, None
+
+    def forward(self, xt, t, labels=None):
+        return -1 + self.lam * (xt + self.alpha_bar[t].sqrt().view(-1, 1, 1, 1))
+
+
+def test_clipping_x0_lifts_data_on_the_range_edge_and_the_unclipped_chain_keeps_their_mean():
+    # Without the clamp every step is linear in x_t and x̂_0 is unbiased, so E[x_{t−1}] = √ᾱ_{t−1}·(−1) at
+    # every step and the chain ends at mean −1. The clamp cuts only the errors below −1, so each step's
+    # x̂_0 is too high, and the chain carries the bias on: the samples end above −1, and greyer once
+    # clamped for display.
+    model = LeakyDenoiser()
+    diffusion = make_diffusion(model, timesteps=100, schedule="cosine", image_size=16, objective="x0")
+    model.alpha_bar = diffusion.alphas_cumprod
+    assert diffusion.clip_denoised and diffusion.clips() and not diffusion.clips(False)
+    finals = {}
+    for clip in (True, False):
+        *_, (_, x, _) = diffusion.sample_iter(256, sampler="ddpm", clip_denoised=clip, progress=False,
+                                              generator=torch.Generator().manual_seed(1))
+        finals[clip] = x
+    se = {clip: x.std().item() / math.sqrt(x.numel()) for clip, x in finals.items()}
+    assert abs(finals[False].mean().item() + 1) < 4 * se[False]
+    assert finals[True].mean().item() + 1 > 50 * se[True]
+    assert finals[True].clamp(-1, 1).mean() > finals[False].clamp(-1, 1).mean() + 20 * se[True]
+    # The model's own default: clip_denoised=False in the constructor is what sample_iter uses unasked.
+    unclipped = make_diffusion(model, timesteps=100, schedule="cosine", image_size=16, objective="x0",
+                               clip_denoised=False)
+    *_, (_, x, _) = unclipped.sample_iter(256, sampler="ddpm", progress=False,
+                                          generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x, finals[False])
+
+
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_ddpm_step_noise_has_variance_sigma_squared(variance):
     # x_{t−1} − μ_θ(x_t, t) = σ_t·z with σ_t² = β̃_t or β_t, on N copies of one x_t.

@@ -221,3 +221,25 @@ def test_amp_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_checkpoint
     generate.sample_from_args(generate.build_parser().parse_args(
         ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--no-amp", "--device", "cpu"]))
     assert opened == [False]
+
+
+# ----------------------------------------------------------------------------- x̂_0 clamp
+
+def test_clip_denoised_follows_the_checkpoint_unless_a_flag_says_otherwise(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint without the key (from before the option) clamps, as DDPM's code does; one trained with
+    --no-clip-denoised does not; --clip-denoised / --no-clip-denoised override either, and the resolved
+    settings line says which ran."""
+    import train_mnist
+    from checkpoint import load_for_sampling
+    assert train_mnist.DEFAULTS["clip_denoised"] is False
+    old, new = tiny_checkpoint("old.pt"), tiny_checkpoint("new.pt", clip_denoised=False)
+    assert load_for_sampling(old)[0].clip_denoised is True and load_for_sampling(new)[0].clip_denoised is False
+    images = {}
+    for ckpt, flags in [(old, []), (old, ["--no-clip-denoised"]), (new, []), (new, ["--clip-denoised"])]:
+        images[ckpt.name, *flags] = run(ckpt, tmp_path, "--n", "4", "--sampler", "ddpm", "--steps", "20", *flags)
+        clipped = (ckpt == old) != bool(flags)
+        assert f"clip_denoised={clipped}" in capsys.readouterr().out, (ckpt.name, flags)
+    # Same weights and seed: the clamp alone changes the images, and the flag gives what the default gives.
+    assert np.array_equal(images["old.pt",], images["new.pt", "--clip-denoised"])
+    assert np.array_equal(images["old.pt", "--no-clip-denoised"], images["new.pt",])
+    assert not np.array_equal(images["old.pt",], images["new.pt",])

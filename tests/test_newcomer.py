@@ -206,10 +206,15 @@ def test_data_tests_say_in_the_summary_why_they_skipped_and_fail_on_a_wrong_ddpm
     assert wrong.returncode != 0 and "holds no mnist_train.npz" in wrong.stdout
 
 
-def test_resuming_a_checkpoint_from_before_loss_weighting_keeps_training_it_as_it_was():
+def test_resuming_a_checkpoint_from_before_an_option_keeps_it_as_it_was():
+    import torch
+
     import train_args
     args, explicit = train_args.parse_args(train_mnist.DEFAULTS, ["--resume"])
-    assert args.loss_weighting == "min_snr"                            # today's MNIST default
-    old = {"config": {"train": {k: v for k, v in vars(args).items() if k not in ("loss_weighting", "min_snr_gamma")}}}
+    assert args.loss_weighting == "min_snr" and args.clip_denoised is False    # today's MNIST defaults
+    newer = ("loss_weighting", "min_snr_gamma", "clip_denoised")
+    old = {"config": {"train": {k: v for k, v in vars(args).items() if k not in newer}}}
     train_args.resolve_resume(args, explicit, old, "old.pt", say=lambda *a: None)
-    assert args.loss_weighting == "simple"                             # as that checkpoint was trained
+    assert args.loss_weighting == "simple" and args.clip_denoised is True      # as that checkpoint was made
+    config = train_args.make_config(args, torch.zeros(1, 1, 28, 28), None, None)
+    assert config["diffusion"]["clip_denoised"] is True                         # what generate.py will use
