@@ -27,26 +27,29 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling, pick_device
-from checkpoint import synchronize as sync
-from generate import SamplingError, make_grid, resolve_sampling, to_pil, to_uint8
+from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
+from device import pick_device, synchronize as sync
+from data import default_class_names
+from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+from images import make_grid, to_pil, to_uint8
+from sampling import SamplingError, resolve_sampling
 
-# ----------------------------------------------------------------------------- defaults
+# ----------------------------------------------------------------------------- the page's limits
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
-DEFAULT_SAMPLER = "DDPM"     # ancestral on a respaced chain: the fast default of generate.py too
-DEFAULT_STEPS = 50           # network calls (clipped to the checkpoint's T)
+PRETRAINED_DIR = "pretrained"  # the shipped models (ship.py): *.pt, opened on a fresh clone
 DEFAULT_IMAGES = 16
 MAX_IMAGES = 64
 DEFAULT_GUIDANCE = 0.0       # CFG w: out = (1 + w)·out(y) − w·out(∅); 0 = plain conditional, one call
                              # per step (on MNIST the best proxy FID; w = 1 is crisper but less varied)
 MAX_GUIDANCE = 20.0
 FRAMES = 25                  # live updates of x_t / x̂_0 per run, at most
-PADDING = 2                  # pixels between the images of a grid (generate.make_grid's default)
+PADDING = 2                  # pixels between the images of a grid (images.make_grid's default)
 DISPLAY_PX = 512             # grids are shown enlarged (nearest neighbour) to about this size
 MODEL_CACHE = 2              # models kept loaded
 QUEUE_SIZE = 16              # runs waiting beyond that are refused ("queue full")
 ALL_CLASSES = "all classes, in turn"
-SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "EDM": "edm", "DPM-Solver++": "dpmpp2m"}
+SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "EDM": "edm", "DPM-Solver++": "dpmpp2m"}     # shown: used
+SHOWN_DEFAULT = next(shown for shown, name in SAMPLERS.items() if name == DEFAULT_SAMPLER)
 
 TRAIN_FIRST = """\
 ### No checkpoint found
@@ -55,7 +58,8 @@ This demo samples from a trained model, and none was found{where}. Train the MNI
 then start the demo again:
 
 ```bash
-python train_mnist.py     # writes checkpoints/mnist_ema.pt
+python train_mnist.py --max-minutes 15                         # writes checkpoints/mnist_ema.pt
+DDPM_DATA=path/to/data python train_mnist.py --max-minutes 15  # offline: a folder with mnist_train.npz
 python app.py
 ```
 
@@ -65,11 +69,12 @@ or point the demo at checkpoints elsewhere: `python app.py --ckpt path/to/model_
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def discover_checkpoints(ckpt_dir=CKPT_DIR, ckpts=None):
-    """The --ckpt files if any were given, else every <ckpt_dir>/*_ema.pt, sorted."""
+def discover_checkpoints(ckpt_dir=CKPT_DIR, ckpts=None, pretrained_dir=PRETRAINED_DIR):
+    """The --ckpt files if any were given, else the shipped models (<pretrained_dir>/*.pt) and every
+    <ckpt_dir>/*_ema.pt, sorted."""
     if ckpts:
         return [Path(p) for p in ckpts]
-    return sorted(Path(ckpt_dir).glob("*_ema.pt"))
+    return sorted(Path(pretrained_dir).glob("*.pt")) + sorted(Path(ckpt_dir).glob("*_ema.pt"))
 
 
 def describe_checkpoints(paths):
@@ -88,13 +93,15 @@ def describe_checkpoints(paths):
             problems.append(f"{path}: not a checkpoint of this repo (missing {e}); use a file written by train_*.py")
             continue
         name = path.stem if path.stem not in infos else str(path)
+        if path.parent.name == PRETRAINED_DIR and f"{path.stem} (shipped)" not in infos:
+            name = f"{path.stem} (shipped)"
         num_classes = model_cfg.get("num_classes")
         class_names = (config.get("data") or {}).get("class_names")
-        if num_classes and (not class_names or len(class_names) != num_classes):
-            class_names = [str(i) for i in range(num_classes)]
+        if num_classes:
+            class_names = default_class_names(num_classes, class_names)
         infos[name] = {
             "path": str(path), "config": config, "params": params, "step": ckpt.get("step"),
-            "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
+            "quality": ckpt.get("quality"), "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
             "channels": diffusion_cfg["channels"], "num_classes": num_classes, "class_names": class_names,
         }
         del ckpt
@@ -165,7 +172,7 @@ class App:
 
     def check_inputs(self, name, sampler, steps, seed, n, class_name, guidance):
         """Validate on the server (the sliders' limits are only a hint to the browser): the page's own
-        limits here, the model's through generate.resolve_sampling, the check generate.py uses.
+        limits here, the model's through sampling.resolve_sampling, the check generate.py uses.
         Returns (info, diffusion, sampler, steps, seed, n, labels or None, guidance) or raises gr.Error."""
         if name not in self.infos:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
@@ -247,18 +254,23 @@ class App:
         return (f"Estimated time: **≈ {seconds:.1f} s** on {self.device.type} "
                 f"({calls} network calls at batch {batch}; {how}).")
 
+    def steps_for(self, info, steps):
+        """The default sampler's calls for `steps` on this model: steps, at most its T."""
+        diffusion = self.models.get(info["path"], self.device)
+        return len(diffusion.sampling_timesteps(DEFAULT_SAMPLER, steps, clamp=True))
+
     def default_seconds(self, name):
         """A default run's estimated seconds (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_IMAGES) for this model."""
         info = self.infos[name]
-        calls = len(self.models.get(info["path"], self.device).sampling_timesteps(
-            SAMPLERS[DEFAULT_SAMPLER], min(DEFAULT_STEPS, info["T"])))
+        calls = self.steps_for(info, DEFAULT_STEPS)
         guidance = DEFAULT_GUIDANCE if info["num_classes"] else 0.0
         return self.estimate_seconds(info, calls, DEFAULT_IMAGES, guidance)[0]
 
     def model_choices(self):
         """[(label with the default run's estimate, name)], fastest first: the page opens on the first."""
         seconds = {name: self.default_seconds(name) for name in self.infos}
-        return [(f"{name} · ≈ {seconds[name]:.1f} s a run here", name) for name in sorted(seconds, key=seconds.get)]
+        return [(f"{name}{' · ' + self.infos[name]['quality'] if self.infos[name].get('quality') else ''} · "
+                 f"≈ {seconds[name]:.1f} s a run here", name) for name in sorted(seconds, key=seconds.get)]
 
     # ------------------------------------------------------------------ model choice
 
@@ -266,6 +278,7 @@ class App:
         cfg = info["config"]
         kind = (f"class-conditional ({info['num_classes']} classes)" if info["num_classes"] else "unconditional")
         step = f", trained {info['step']:,} steps" if info.get("step") else ""
+        step += f" · {info['quality']}" if info.get("quality") else ""
         diffusion_cfg = cfg["diffusion"]
         return (f"**{cfg.get('dataset', '?')}** · {info['image_size']}×{info['image_size']}×{info['channels']} · "
                 f"{info['params'] / 1e6:.2f}M parameters{step} · {kind} · T = {info['T']}, "
@@ -277,7 +290,7 @@ class App:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
         info = self.infos[name]
         conditional = bool(info["num_classes"])
-        steps = min(int(steps or DEFAULT_STEPS), info["T"])
+        steps = self.steps_for(info, int(steps or DEFAULT_STEPS))
         return (self.model_markdown(info),
                 gr.update(maximum=info["T"], value=steps),
                 gr.update(choices=[ALL_CLASSES, *(info["class_names"] or [])], value=ALL_CLASSES, visible=conditional),
@@ -338,11 +351,11 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 about = gr.Markdown(app.model_markdown(first))
                 if warning:
                     gr.Markdown(warning)
-                sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
+                sampler = gr.Radio(list(SAMPLERS), value=SHOWN_DEFAULT, label="Sampler",
                                    info="DDPM: ancestral (all T steps = Algorithm 2; fewer = a respaced chain); "
                                         "DDIM: deterministic; EDM: stochastic Heun; DPM-Solver++: ODE, for "
                                         "well-trained models")
-                steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=min(DEFAULT_STEPS, first["T"]),
+                steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=app.steps_for(first, DEFAULT_STEPS),
                                   step=1, label="Steps", info="reverse steps, at most T")
                 n = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Images")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
@@ -377,7 +390,8 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", metavar="PATH",
-                        help="an EMA checkpoint to offer (repeatable); without it, every *_ema.pt in --ckpt-dir")
+                        help="an EMA checkpoint to offer (repeatable); without it, the shipped models in "
+                             "pretrained/ and every *_ema.pt in --ckpt-dir")
     parser.add_argument("--ckpt-dir", default=CKPT_DIR,
                         help="folder searched for *_ema.pt without --ckpt (default: %(default)s)")
     parser.add_argument("--device", default="auto",

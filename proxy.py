@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from data import dataset_slug, flip_where, load_split, match_channels, resize_images, subset, to_model_range
+from checkpoint import file_hash, load_checkpoint, save_checkpoint
+from data import dataset_slug, flip_where, load_split, match_channels, resize_images, subset
+from images import to_model_range
 
 PROXY_EPOCHS = {"mnist": 2, "cifar10": 15}  # others (faces, folders): PROXY_EPOCHS_DEFAULT
 PROXY_EPOCHS_DEFAULT = 10
@@ -185,7 +186,7 @@ class Proxy:
         self.net = ProxyNet(c["channels"], c["num_classes"], c["image_size"], c["width"], c["feature_dim"])
         self.net.load_state_dict(ckpt["model"])
         self.net.to(device).eval()
-        self.sha256 = file_sha256(path)
+        self.sha256 = file_hash(path)
         self.tag = f"proxy-{self.sha256[:8]}"
         kind = ("classifier, test accuracy" if c["task"] == "classes" else
                 "self-supervised rotation-prediction CNN (Gidaris et al. 2018), held-out rotation accuracy")

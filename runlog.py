@@ -1,17 +1,20 @@
-"""What a training run shows and leaves to look at: the progress bar on --max-minutes' clock, the
-size of the end-of-run grid, and <log-dir>/<run>/log.csv, eval.csv, loss.png and, when
-the tensorboard package is installed (or --tensorboard), a TensorBoard event log beside them:
+"""What a training run shows and leaves to look at: sample grids from the EMA model (the end-of-run
+one sized to the measured speed), proxy-FID evaluations, and <log-dir>/<run>/log.csv, eval.csv,
+loss.png and, when the tensorboard package is installed (or --tensorboard), a TensorBoard event log:
 
     tensorboard --logdir runs          # loss, lr, grad norm, img/s, sample grids, proxy FID
 """
 
 import csv
 import math
-import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
+
+from images import make_grid, save_grid, to_uint8
+from sampling import classes_in_turn
 
 FINAL_GRID_SHARE = 0.03        # the end-of-run grid may cost at most this share of the run's time
 
@@ -21,48 +24,16 @@ def grid_seconds(n, steps, seconds_per_image_step):
     return n * steps * seconds_per_image_step
 
 
-def plan_final_grid(sample_count, steps, seconds_per_image_step, run_seconds, share=FINAL_GRID_SHARE):
-    """How many images the end-of-run grid can have so that it costs at most `share` of the run:
-    sample_count if affordable, else fewer (whole rows of a square-ish grid), else 0 (skip).
+def plan_final_grid(sample_count, steps, seconds_per_image_step, run_seconds, seconds_left=math.inf,
+                    share=FINAL_GRID_SHARE):
+    """How many images the end-of-run grid can have so that it costs at most `share` of the run and
+    fits in seconds_left: sample_count if affordable, else half as many, and so on, else 0 (skip).
     seconds_per_image_step: measured cost of one network call per image."""
-    budget = share * run_seconds
+    budget = min(share * run_seconds, seconds_left)
     n = sample_count
     while n >= 4 and grid_seconds(n, steps, seconds_per_image_step) > budget:
         n //= 2
     return n if n >= 4 else 0
-
-
-class Budget:
-    """--max-minutes as a deadline for the whole run (start-up and the end included), and the
-    progress bar's total: seconds of the budget when there is one, else steps."""
-
-    def __init__(self, max_minutes, t_start):
-        self.seconds = None if max_minutes is None else 60.0 * max_minutes
-        self.t_start = t_start
-
-    def elapsed(self):
-        return time.time() - self.t_start
-
-    def left(self):
-        return math.inf if self.seconds is None else self.seconds - self.elapsed()
-
-    def time_used(self):
-        """The share of --max-minutes used so far, in [0, 1]; 0 without a budget."""
-        return 0.0 if self.seconds is None else min(1.0, self.elapsed() / self.seconds)
-
-    def bar(self, steps, step, run_name, disable):
-        if self.seconds is None:
-            return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)
-        return tqdm(total=round(self.seconds), initial=round(self.elapsed()), unit="s", disable=disable,
-                    dynamic_ncols=True, desc=f"{run_name} (--max-minutes)",
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
-
-    def advance(self, pbar, step):
-        """Move the bar one step, or to the seconds used so far."""
-        if self.seconds is None:
-            pbar.update(1)
-        else:
-            pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
 
 
 def tensorboard_writer(folder, wanted):
@@ -74,7 +45,7 @@ def tensorboard_writer(folder, wanted):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         if wanted:
-            raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard "
+            raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or run without --tensorboard; log.csv and loss.png are written anyway)") from None
         return None
     return SummaryWriter(log_dir=str(folder))
@@ -83,7 +54,7 @@ def tensorboard_writer(folder, wanted):
 class RunLog:
     """log.csv (one row per --log-every steps), eval.csv and loss.png under <log-dir>/<run>/."""
 
-    FIELDS = ["step", "loss", "grad_norm", "lr", "img_per_s", "minutes", "nan_skipped"]
+    FIELDS = ["step", "loss", "grad_norm", "lr", "img_per_s", "minutes", "images", "pflop", "nan_skipped"]
 
     def __init__(self, folder, resume_step=None, tensorboard=None):
         self.folder = Path(folder)
@@ -152,9 +123,75 @@ class RunLog:
         if len(loss) > k > 1:
             smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
             ax.plot(steps, smooth, lw=1.5, label=f"moving average of {k}")
-        ax.set(xlabel="step", ylabel="L_simple (MSE)", yscale="log", title=title)
+        ax.set(xlabel="step", ylabel="training loss (weighted MSE)", yscale="log", title=title)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
         fig.savefig(self.folder / "loss.png", dpi=100)
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- grids and evaluations
+
+def draw_grid(run, n=None):
+    """A grid from a run's EMA model, from the same x_T every time (comparable grids); returns its path."""
+    args = run.args
+    asked = n = n or args.sample_count
+    num_classes, ncol, labels, why = run.config["model"]["num_classes"], None, None, ""
+    if num_classes:                                     # one column per class, full rows
+        ncol = min(num_classes, 16)
+        n = math.ceil(n / ncol) * ncol
+        labels = classes_in_turn(n, num_classes).to(run.device)
+        why = f"; {asked} rounded up to {n // ncol} full rows of {ncol} classes" if n != asked else ""
+    ncol = ncol or max(1, int(math.sqrt(n)))
+    about = (f", about {grid_seconds(n, args.sample_steps, run.seconds_per_image_step):.0f} s"
+             if run.seconds_per_image_step else "")
+    tqdm.write(f"step {run.step}: drawing a {n}-image grid ({args.sample_sampler}, {args.sample_steps} steps"
+               f"{about}{why})")
+    run.ema.copy_to(run.ema_model)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        x = run.ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels,
+                                      generator=gen, progress=True)
+    images = to_uint8(x)
+    path = Path(args.sample_dir) / f"{args.run_name}_step{run.step}.png"
+    save_grid(images, path, ncol=ncol)
+    run.runlog.log_grid(run.step, make_grid(images, ncol))
+    return path
+
+def evaluate(run):
+    """The proxy FID of a run's EMA model (metrics.proxy_metrics) into eval.csv; a failure never ends the run."""
+    try:
+        from metrics import proxy_metrics
+    except ImportError as e:
+        tqdm.write(f"--eval-every: cannot import metrics.py ({e}); evaluation is off for this run")
+        run.args.eval_every = 0
+        return
+    run.ema.copy_to(run.ema_model)
+    tqdm.write(f"step {run.step}: proxy FID of {run.args.eval_samples} samples")
+    try:
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            scores = proxy_metrics(run.ema_diffusion, run.config, data_dir=run.args.data_dir,
+                                        num_samples=run.args.eval_samples, device=run.device,
+                                        ckpt_dir=run.args.ckpt_dir)
+    except Exception as e:            # a broken evaluation must not end a long training run
+        tqdm.write(f"eval @ step {run.step} failed ({type(e).__name__}: {e}); training goes on")
+        return
+    row = {"step": run.step, **{k: float(v) if isinstance(v, (int, float)) else v for k, v in scores.items()}}
+    run.runlog.log_eval(row)
+    tqdm.write(f"eval @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in row.items() if k != "step"))
+
+
+def final_grid(run, budget):
+    """The end-of-run grid, sized from the measured speed to cost at most FINAL_GRID_SHARE of the run
+    and to fit in what is left of --max-minutes, or skipped with a message."""
+    args, per_call = run.args, run.seconds_per_image_step or 0.0
+    n = plan_final_grid(args.sample_count, args.sample_steps, per_call, min(budget.elapsed(), budget.seconds or math.inf),
+                        seconds_left=budget.left())
+    if n == 0:
+        print(f"=== no end-of-run grid: {args.sample_count} images × {args.sample_steps} steps would take about "
+              f"{grid_seconds(args.sample_count, args.sample_steps, per_call):.0f} s, more than "
+              f"{FINAL_GRID_SHARE:.0%} of this run; draw one with python generate.py --ckpt {run.ema_path}")
+        return
+    print(f"=== samples in {draw_grid(run, n)}")

@@ -5,8 +5,8 @@
 Each train_<dataset>.py overrides some DEFAULTS; every default is a flag (`--help` lists them
 all). A value outside its range is refused at parse time in one line that names the flag and
 the range; settings that conflict with each other are refused before any data is loaded.
-With --resume, the checkpoint's settings come back, except the flags given now. make_config turns
-the resolved flags into the config every checkpoint stores.
+With --resume, the checkpoint's settings come back, except the flags given now.
+checkpoint.make_config turns the resolved flags into the config every checkpoint stores.
 """
 
 import argparse
@@ -14,7 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from diffusion import LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, VARIANCES, GaussianDiffusion
+from diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, T_SAMPLINGS,
+                       VARIANCES, GaussianDiffusion)
 
 # Every flag and its default; a train_*.py script overrides some of them.
 DEFAULTS = dict(
@@ -25,19 +26,19 @@ DEFAULTS = dict(
     base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
     # diffusion
     timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", clip_denoised=True,
-    loss_weighting="simple", min_snr_gamma=5.0,
+    loss_weighting="simple", min_snr_gamma=5.0, t_sampling="uniform",
     # optimisation
-    steps=10_000, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
+    steps=10_000, max_pflop=None, budget_minutes=None, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
     warmup_steps=1000,
     grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, max_nan_steps=5,
     # feedback and outputs
-    log_every=50, sample_every=1000, sample_count=64, sample_sampler="ddpm", sample_steps=100, save_every=5000,
+    log_every=50, sample_every=1000, sample_count=64, sample_sampler=DEFAULT_SAMPLER, sample_steps=DEFAULT_STEPS, save_every=5000,
     eval_every=0, eval_samples=1000, ckpt_dir="checkpoints", sample_dir="samples", log_dir="runs",
     tensorboard=None, resume=False, overwrite=False,
     # system
     seed=0, device="auto", amp=True, compile=False, num_workers=4,
     # test hooks (hidden from --help)
-    debug_nan_steps=[], debug_dump_dir=None, debug_sync_free=False,
+    debug_nan_steps=[], debug_dump_dir=None, debug_sync_free=False, debug_stop_step=0,
 )
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Settings that fix the weights' shapes or the diffusion process: a resumed run must keep them.
@@ -45,10 +46,11 @@ ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mu
              "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
 # What a checkpoint that predates these settings was trained with (its config has no such key).
 BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant",
-                 "clip_denoised": True}
+                 "clip_denoised": True, "t_sampling": "uniform", "max_pflop": None, "budget_minutes": None}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
-                "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free")
+                "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free",
+                "debug_stop_step")
 
 
 # ----------------------------------------------------------------------------- value types
@@ -142,11 +144,19 @@ def build_parser(defaults, presets, description):
     g.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help="weight of each t in the loss: simple (DDPM "
                    "eq. 14, all alike) or min_snr (Hang et al. 2023, Min-SNR-γ)")
     g.add_argument("--min-snr-gamma", type=number(float, 0, low_open=True), help="γ of --loss-weighting min_snr")
+    g.add_argument("--t-sampling", choices=T_SAMPLINGS, help="how training draws t: uniform (DDPM Alg. 1) or "
+                   "lognormal (EDM's ln σ ~ N(−1.2, 1.2²): the steps where the loss can still fall)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=POSITIVE, help="total optimiser steps (the run stops at this step)")
+    g.add_argument("--max-pflop", type=number(float, 0, low_open=True),
+                   help="the run's training budget in PFLOP (10^15; 3 × forward FLOPs × images seen), over all "
+                        "its sittings: the lr schedule spans it, --resume goes on towards it, the run stops at it")
+    g.add_argument("--budget-minutes", type=number(float, 0, low_open=True),
+                   help="the run's budget in training minutes over all its sittings (like --max-pflop, in time)")
     g.add_argument("--max-minutes", type=number(float, 0, low_open=True),
-                   help="wall-clock budget in minutes for this session, start-up and the final grid included; "
-                        "the run stops cleanly, saves and can be --resume'd")
+                   help="wall-clock limit in minutes for this sitting, start-up and the final grid included; "
+                        "the run stops cleanly, saves and can be --resume'd. Without --max-pflop or "
+                        "--budget-minutes it is also the run's budget for --lr-schedule")
     g.add_argument("--batch-size", type=POSITIVE, help="images per step, summed over all processes")
     g.add_argument("--lr", type=number(float, 0, low_open=True), help="peak AdamW learning rate")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
@@ -190,6 +200,7 @@ def build_parser(defaults, presets, description):
                                                      "on the GPU")
     g.add_argument("--debug-nan-steps", type=int_list, help=argparse.SUPPRESS)     # test hook
     g.add_argument("--debug-dump-dir", help=argparse.SUPPRESS)
+    g.add_argument("--debug-stop-step", type=COUNT, help=argparse.SUPPRESS)         # test hook: end a sitting
     g.add_argument("--debug-sync-free", action="store_true", help=argparse.SUPPRESS)   # the CUDA step, on a CPU
     for name, (_, help_text) in presets.items():
         p.add_argument(f"--{name}", action="store_true", help=f"preset: {help_text}")
@@ -255,28 +266,9 @@ def resolve_resume(args, explicit, ckpt, path, say=print):
             continue
         if key in explicit and getattr(args, key) != value:
             if key in ARCH_KEYS:
-                raise SystemExit(f"--resume: {path} was trained with --{key.replace('_', '-')} {value}; it cannot "
+                raise SystemExit(f"error: --resume: {path} was trained with --{key.replace('_', '-')} {value}; it cannot "
                                  f"change to {getattr(args, key)} (start a new run with another --run-name)")
             say(f"note: --{key.replace('_', '-')} changes from {value} to {getattr(args, key)} on resume"
                 + ("; the run will not reproduce an uninterrupted one" if key in ("seed", "batch_size") else ""))
             continue
         setattr(args, key, value)
-
-
-def make_config(args, images, class_names, num_classes):
-    """The checkpoint's config: everything generate.py / fid.py / app.py need to rebuild the model."""
-    model_kwargs = dict(in_channels=images.shape[1], base_channels=args.base_channels,
-                        channel_mults=list(args.channel_mults), num_res_blocks=args.num_res_blocks,
-                        attn_resolutions=list(args.attn_resolutions), dropout=args.dropout,
-                        image_size=images.shape[-1], num_classes=num_classes)
-    diffusion_kwargs = dict(image_size=images.shape[-1], channels=images.shape[1], timesteps=args.timesteps,
-                            schedule=args.schedule, objective=args.objective, variance=args.variance,
-                            clip_denoised=args.clip_denoised, cond_drop_prob=args.cond_drop_prob,
-                            loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma)
-    train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
-    # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
-    # file names use args.run_name ("celeba" trains on dataset "faces").
-    return {"dataset": str(args.dataset), "model": model_kwargs, "diffusion": diffusion_kwargs,
-            "data": {"name": str(args.dataset), "image_size": images.shape[-1], "channels": images.shape[1],
-                     "class_names": class_names},
-            "train": train}

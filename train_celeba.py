@@ -4,7 +4,7 @@
     python train_celeba.py --dataset path/to/celeba_hq_images        # a folder: center-crop, resize to 64
     torchrun --nproc_per_node=4 train_celeba.py                      # several GPUs (DDP)
 
-The model is the DDPM CIFAR-10 U-Net (35.5M parameters) one level deeper in resolution; the DDIM
+The model is the DDPM CIFAR-10 U-Net (35.52M parameters) one level deeper in resolution; the DDIM
 paper's CelebA model widens the last level to 4× (68.6M), which 4,800 faces cannot feed; dropout
 and flips keep it from memorising them too soon.
 """

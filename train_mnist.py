@@ -8,20 +8,21 @@
 
 import trainer
 
-# Every choice below won a 15-minute run on a 2-core CPU (README, "What made MNIST better").
+# Every choice below won a 15-minute run on a 2-core CPU; the numbers are in the README's
+# "What made MNIST better".
 DEFAULTS = dict(
     dataset="mnist",
-    class_cond=True,                   # labels: proxy FID 0.55 -> 0.26, confident 80% -> 94% (w = 0);
+    class_cond=True,                   # labels: the largest gain of all (sampled with w = 0);
                                        # --no-class-cond trains the paper's unconditional model
     base_channels=16, channel_mults=[1, 2, 4], num_res_blocks=1,   # 16/32/64 channels at 28/14/7 px
     attn_resolutions=[], dropout=0.0,                              # (the middle block has attention)
-    timesteps=1000, schedule="cosine",                             # cosine: 0.59 -> 0.57 in fewer steps
+    timesteps=1000, schedule="cosine",                             # cosine: better in fewer steps
     objective="v",                     # v-prediction: no grey blobs with labels (ε's error × 1/√ᾱ_t in x̂_0)
     clip_denoised=False,               # sample without clamping x̂_0: the clamp lifts the black background;
-                                       # ancestral-50 0.26 -> 0.15, DDPM-1000 0.43 -> 0.22
-    loss_weighting="min_snr", min_snr_gamma=5.0,                   # Min-SNR-γ: DDIM-50 FID 25.9 -> 6.80
+                                       # both the 50-step and the 1000-step chain gain
+    loss_weighting="min_snr", min_snr_gamma=5.0,                   # Min-SNR-γ: DDIM gains most
     batch_size=128, lr=2e-3, warmup_steps=100,                     # lr: peak; warmup: steps (batch 64: worse)
-    lr_schedule="linear",                                          # decay to 0 over the run: 0.73 -> 0.59
+    lr_schedule="linear",                                          # decay to 0 over the run
     ema_decay=0.999, ema_warmup=True,                              # ~1k-step horizon, short warmup
     steps=20_000, log_every=50, sample_every=1000, save_every=500,  # steps (a grid costs ~10 s of training)
 )

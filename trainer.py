@@ -1,11 +1,13 @@
 """The one training loop that train_mnist.py, train_cifar.py and train_celeba.py share.
 
-    per step (DDPM Algorithm 1):  x_0 ~ data, t ~ U{1..T}, ε ~ N(0, I)
-        θ ← θ − lr·AdamW(∇_θ ‖ε − ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖²)      (gradient clipped to 1.0)
+    per step (DDPM Algorithm 1, train_step):  x_0 ~ data, t ~ U{1..T} (or --t-sampling), ε ~ N(0, I)
+        θ ← θ − lr·AdamW(∇_θ w_t·‖target − net(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t)‖²)     (gradient clipped)
+    target: ε (DDPM), x_0 or v (--objective); w_t = 1 (L_simple) or Min-SNR-γ (--loss-weighting)
         θ_ema ← d·θ_ema + (1 − d)·θ
 
-train() reads top to bottom: set-up, the step, the periodic jobs (log, grid, evaluation,
-checkpoint), the end. The command line is train_args.py; the logs are runlog.py.
+sitting() reads top to bottom: set-up (build_run), the loop of train_step (Algorithm 1) and
+periodic_jobs (log, grid, evaluation, checkpoint), the end (finish). The command line is
+train_args.py; the budget over sittings is budget.py; what a run shows is runlog.py.
 
 Outputs (only rank 0 writes):
     <ckpt-dir>/<run>.pt, <run>_ema.pt       full state for --resume; EMA weights for sampling
@@ -18,9 +20,11 @@ gradient is NaN/inf is skipped (no optimiser or EMA update); several in a row ab
 DDP switches on when torchrun sets RANK: `torchrun --nproc_per_node=N train_cifar.py`.
 """
 
+import contextlib
 import copy
 import math
 import signal
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -31,35 +35,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 import data
-from checkpoint import (CheckpointError, autocast, bf16_fast, load_checkpoint, rank_max, rng_state,
-                        save_checkpoint, set_rng_state, setup_distributed)
+from checkpoint import CheckpointError, RunLock, check_writable, load_checkpoint, make_config, save_run
+from budget import Budget, learning_rate, probe_inputs, project
+from device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
 from diffusion import GaussianDiffusion
 from ema import EMA
-from generate import classes_in_turn, make_grid, save_grid, to_uint8
-from runlog import FINAL_GRID_SHARE, Budget, RunLog, grid_seconds, plan_final_grid
-from train_args import check_consistent, make_config, parse_args, resolve_resume
-from unet import UNet
-
-# ----------------------------------------------------------------------------- small pieces
-
-def learning_rate(args, step, progress):
-    """Peak --lr after a linear warmup of --warmup-steps, times --lr-schedule at progress ∈ [0, 1]:
-    constant (DDPM), linear to 0 (the best schedule for a fixed budget in Li et al. 2020,
-    "Budgeted training") or cosine to 0 (Loshchilov & Hutter 2017)."""
-    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    decay = {"constant": 1.0, "linear": 1.0 - progress,
-             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[args.lr_schedule]
-    return args.lr * warmup * decay
-
-
-def all_finite(tensors):
-    return all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point())
-
+from runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
+from train_args import check_consistent, parse_args, resolve_resume
+from unet import UNet, forward_flops
 
 # ----------------------------------------------------------------------------- the run's state
 
 class Run:
-    """Everything one training run holds, and the jobs that use all of it: save, draw a grid, evaluate."""
+    """Everything one training run holds: model, EMA, optimiser, data stream, counters; and what uses
+    all of it: the budget's progress, the optimiser step, the log row, the save."""
 
     def __init__(self, args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path):
         self.args, self.config, self.device, self.rank, self.world = args, config, device, rank, world
@@ -71,14 +60,48 @@ class Run:
         self.ema_diffusion = GaussianDiffusion(self.ema_model, **config["diffusion"]).to(device)
         self.ema_diffusion.amp = args.amp and bf16_fast(device)      # grids and evaluations as generate.py draws them
         self.step, self.nan_skipped, self.nan_streak, self.train_seconds = 0, 0, 0, 0.0
-        self.progress = 0.0     # of the run, in [0, 1]: the larger of step/--steps and --max-minutes used
+        self.images_seen = 0    # over all sittings; training FLOPs = 3 × flops_per_image × images_seen
+        self.flops_per_image = forward_flops(model, *probe_inputs(config, device))    # one forward pass
+        self.progress = 0.0     # of the run's budget, in [0, 1] (progress_now)
         self.seconds_per_image_step = None      # one network call per image, measured while training
         self.runlog = None
+        self.postfix = {}                       # the progress bar's loss, img/s and lr of the last log row
+        self.saved_step = None                  # the step of the last checkpoint written (or resumed from)
         # CUDA: a step never waits for the host; elsewhere the skip decision is a free host check.
         self.sync_free = device.type == "cuda" or args.debug_sync_free
+        self.amp = autocast(device, args.amp)      # bf16 where it is fast (device.bf16_fast), else a no-op
         # Device-side sums since the last log row: loss, grad norm, finite steps; and non-finite steps
         # since the last look, with the current run of them in a row.
         self.sums = torch.zeros(5, device=device)
+
+    @property
+    def train_flops(self):
+        return 3 * self.flops_per_image * self.images_seen        # forward + backward ≈ 3 forwards
+
+    def progress_now(self, progress_before, time_used, train_seconds):
+        """The share of the run's budget used, in [0, 1]: the largest of step/--steps, --max-pflop
+        and --budget-minutes used. Without either of those two, --max-minutes is the run's budget
+        (a resumed run goes on from progress_before and reaches 1 at this sitting's end)."""
+        args = self.args
+        shares = [self.step / args.steps]
+        if args.max_pflop:
+            shares.append(self.train_flops / (1e15 * args.max_pflop))
+        if args.budget_minutes:
+            shares.append(train_seconds / (60 * args.budget_minutes))
+        if not (args.max_pflop or args.budget_minutes):
+            shares.append(progress_before + (1 - progress_before) * time_used)
+        return min(1.0, max(shares))
+
+    def budget_reached(self, train_seconds):
+        """Why the run's budget is spent (a line for the log), or None."""
+        args = self.args
+        if self.step >= args.steps:
+            return f"reached --steps {args.steps}"
+        if args.max_pflop and self.train_flops >= 1e15 * args.max_pflop:
+            return f"reached --max-pflop {args.max_pflop:g}"
+        if args.budget_minutes and train_seconds >= 60 * args.budget_minutes:
+            return f"reached --budget-minutes {args.budget_minutes:g}"
+        return None
 
     def apply_step(self, loss, grad_norm):
         """DDPM Alg. 1's gradient step on θ and the EMA update, unless the gradient is not finite."""
@@ -118,118 +141,93 @@ class Run:
         self.sums[:3] = 0
         return {"step": self.step, "loss": loss_sum / n_ok if n_ok else math.nan,
                 "grad_norm": gnorm_sum / n_ok if n_ok else math.nan, "lr": lr, "img_per_s": img_s,
-                "minutes": self.train_seconds / 60, "nan_skipped": self.nan_skipped}
+                "minutes": self.train_seconds / 60, "images": self.images_seen, "pflop": self.train_flops / 1e15,
+                "nan_skipped": self.nan_skipped}
 
     def save(self):
-        """Full state to <run>.pt and the EMA weights to <run>_ema.pt, atomically; never non-finite weights."""
+        """Full state to <run>.pt and the EMA weights to <run>_ema.pt (checkpoint.save_run). A write that
+        fails (a full disk, a folder made read-only) leaves the previous files intact and says so in
+        one line; the run goes on and tries again at the next save. -> whether it was saved."""
         states = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(states, rng_state(self.device))
         if not self.master:
-            return
-        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        ema_state = self.ema.state_dict()
-        ema_state["shadow"] = {k: v.cpu() for k, v in ema_state["shadow"].items()}
-        if not (all_finite(weights.values()) and all_finite(ema_state["shadow"].values())):
-            raise SystemExit(f"refusing to save non-finite weights at step {self.step}; "
-                             f"the last good checkpoint is {self.ckpt_path}")
-        full = {"config": self.config, "model": weights, "ema": ema_state, "optimizer": self.opt.state_dict(),
-                "step": self.step, "rng": rng_state(self.device), "data_state": self.batches.state_dict(),
-                "nan_skipped": self.nan_skipped, "nan_streak": self.nan_streak, "train_seconds": self.train_seconds,
-                "progress": self.progress, "versions": {"torch": str(torch.__version__)}}
-        if self.world > 1:
-            full["rng_ranks"] = states
-        save_checkpoint(full, self.ckpt_path)
-        dtypes = {k: v.dtype for k, v in weights.items()}
-        save_checkpoint({"config": self.config, "step": self.step,
-                         "ema_model": {k: v.to(dtypes[k]) for k, v in ema_state["shadow"].items()}},
-                        self.ema_path)
+            return True
+        stats = {"nan_skipped": self.nan_skipped, "nan_streak": self.nan_streak, "train_seconds": self.train_seconds,
+                 "progress": self.progress, "images_seen": self.images_seen, "flops_per_image": self.flops_per_image,
+                 "train_flops": self.train_flops, **({"rng_ranks": states} if self.world > 1 else {})}
+        try:
+            save_run(self.ckpt_path, self.ema_path, self.config, self.model, self.ema, self.opt, self.step,
+                     rng_state(self.device), self.batches.state_dict(), stats)
+        except CheckpointError as e:
+            raise SystemExit(str(e)) from None
+        except OSError as e:
+            kept = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
+            tqdm.write(f"could not save step {self.step} to {self.ckpt_path.parent}/ ({e.strerror or e}); the "
+                       f"previous checkpoint is intact ({kept}). Free space or fix the folder: the run tries again "
+                       "at the next save")
+            return False
+        self.saved_step = self.step
+        return True
 
     @property
     def ema_path(self):
         return self.ckpt_path.with_name(f"{self.args.run_name}_ema.pt")
 
-    def sample_grid(self, n=None):
-        """A grid from the EMA model, from the same x_T every time (comparable grids); returns its path."""
-        args = self.args
-        n, ncol = n or args.sample_count, None
-        num_classes = self.config["model"]["num_classes"]
-        labels = None
-        if num_classes:                                     # one column per class, full rows
-            ncol = min(num_classes, 16)
-            n = math.ceil(n / ncol) * ncol
-            labels = classes_in_turn(n, num_classes).to(self.device)
-        ncol = ncol or max(1, int(math.sqrt(n)))
-        about = (f", about {grid_seconds(n, args.sample_steps, self.seconds_per_image_step):.0f} s"
-                 if self.seconds_per_image_step else "")
-        tqdm.write(f"step {self.step}: drawing a {n}-image grid ({args.sample_sampler}, {args.sample_steps} steps"
-                   f"{about})")
-        self.ema.copy_to(self.ema_model)
-        gen = torch.Generator().manual_seed(1234)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            x = self.ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels,
-                                          generator=gen, progress=True)
-        images = to_uint8(x)
-        path = Path(args.sample_dir) / f"{args.run_name}_step{self.step}.png"
-        save_grid(images, path, ncol=ncol)
-        self.runlog.log_grid(self.step, make_grid(images, ncol))
-        return path
-
-    def evaluate(self):
-        """The proxy FID of the EMA model (fid.proxy_metrics) into eval.csv; a failure never ends the run."""
-        try:
-            import fid
-        except ImportError as e:
-            tqdm.write(f"--eval-every: cannot import fid.py ({e}); evaluation is off for this run")
-            self.args.eval_every = 0
-            return
-        self.ema.copy_to(self.ema_model)
-        tqdm.write(f"step {self.step}: proxy FID of {self.args.eval_samples} samples")
-        try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                metrics = fid.proxy_metrics(self.ema_diffusion, self.config, data_dir=self.args.data_dir,
-                                            num_samples=self.args.eval_samples, device=self.device,
-                                            ckpt_dir=self.args.ckpt_dir)
-        except Exception as e:            # a broken evaluation must not end a long training run
-            tqdm.write(f"eval @ step {self.step} failed ({type(e).__name__}: {e}); training goes on")
-            return
-        row = {"step": self.step, **{k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}}
-        self.runlog.log_eval(row)
-        tqdm.write(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                           for k, v in row.items() if k != "step"))
-
 
 # ----------------------------------------------------------------------------- set-up
 
-def build_run(args, explicit, device, rank, world, say):
-    """Data, model, optimiser, EMA, and on --resume their saved state -> Run."""
+def build_run(args, explicit, device, rank, world, say, lock):
+    """Output folders checked, the run's lock taken, then data, model, optimiser, EMA, and on --resume
+    their saved state -> Run."""
     ckpt_path = Path(args.ckpt_dir) / f"{args.run_name}.pt"
     ckpt = None
     if args.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"error: --resume: there is no {ckpt_path} to continue. A run's checkpoint is "
+                             "<--ckpt-dir>/<--run-name>.pt: pass the --ckpt-dir and --run-name it was trained "
+                             "with, or start a new run without --resume")
         try:
             ckpt = load_checkpoint(ckpt_path)
         except CheckpointError as e:
-            raise SystemExit(f"--resume: {e}") from None
+            raise SystemExit(f"error: --resume: {e}") from None
         if "optimizer" not in ckpt:
-            raise SystemExit(f"--resume: {ckpt_path} holds no optimiser state (is it an _ema.pt file?)")
+            raise SystemExit(f"error: --resume: {ckpt_path} holds no optimiser state (is it an _ema.pt file?)")
         resolve_resume(args, explicit, ckpt, ckpt_path, say)
     elif ckpt_path.exists() and not args.overwrite:
-        raise SystemExit(f"{ckpt_path} already exists: pass --resume to continue it, --overwrite to start afresh "
+        raise SystemExit(f"error: {ckpt_path} already exists: pass --resume to continue it, --overwrite to start afresh "
                          "and replace it, or another --ckpt-dir / --run-name")
     check_consistent(args)
+    if rank == 0:
+        for folder, flag in ((args.ckpt_dir, "--ckpt-dir"), (args.sample_dir, "--sample-dir"),
+                             (args.log_dir, "--log-dir")):
+            check_writable(folder, flag)          # before hours of training, not at the first save
+    made = [p for p in [ckpt_path.parent, *ckpt_path.parent.parents] if not p.exists()]   # folders the lock makes
+    if rank == 0:
+        try:
+            note = lock.acquire()
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        if note:
+            say(f"=== {note}")
 
     say(f"=== loading {args.dataset} …")
     try:
         images, labels, class_names = data.load_dataset(args.dataset, args.data_dir, args.image_size, train=True)
     except (FileNotFoundError, ValueError) as e:
+        if made:                                  # leave no empty folder behind
+            lock.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                for folder in made:
+                    folder.rmdir()
         raise SystemExit(f"error: {e}") from None
     images, labels = data.subset(images, labels, args.limit_data)
     num_classes = None
     if args.class_cond:
         if labels is None:
-            raise SystemExit(f"--class-cond: dataset {args.dataset} has no labels; train without --class-cond")
+            raise SystemExit(f"error: --class-cond: dataset {args.dataset} has no labels; train without --class-cond")
         num_classes = len(class_names) if class_names else int(labels.max()) + 1
-        class_names = class_names or [str(i) for i in range(num_classes)]
+        class_names = data.default_class_names(num_classes, class_names)
     else:
         class_names = None     # an unconditional model knows no classes
     config = make_config(args, images, class_names, num_classes)
@@ -248,10 +246,7 @@ def build_run(args, explicit, device, rank, world, say):
     ema = EMA(model, args.ema_decay, warmup=args.ema_warmup)      # decay and warmup: from the flags, always
     train_model = model
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        model.to(memory_format=torch.channels_last)
+        cuda_fast_settings(model)
     if args.compile:
         train_model = torch.compile(model)              # `model` (uncompiled) is what gets saved
     if world > 1:
@@ -264,7 +259,9 @@ def build_run(args, explicit, device, rank, world, say):
         ema.load_state_dict(ckpt["ema"])
         batches.load_state_dict(ckpt["data_state"])
         run.step, run.nan_skipped, run.nan_streak = ckpt["step"], ckpt["nan_skipped"], ckpt["nan_streak"]
+        run.saved_step = run.step
         run.train_seconds = ckpt.get("train_seconds", 0.0)
+        run.images_seen = ckpt.get("images_seen", run.step * args.batch_size)   # older checkpoints: one batch size
         run.progress = ckpt.get("progress", run.step / args.steps)
         states = ckpt.get("rng_ranks") or [ckpt["rng"]]
         if len(states) == world:
@@ -289,21 +286,85 @@ def build_run(args, explicit, device, rank, world, say):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(args, explicit):
+def train_step(run, x0, y, lr):
+    """DDPM Algorithm 1, once: t and ε drawn, the loss at x_t (diffusion.loss), its gradient clipped to
+    --grad-clip, then θ ← AdamW(θ) and θ_ema ← d·θ_ema + (1 − d)·θ, both skipped for a non-finite step.
+    x0: (B/W, C, H, W) in [−1, 1]; y: (B/W,) labels or None. -> the loss (on the device)."""
+    args = run.args
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    with run.amp:
+        loss = run.diffusion.loss(x0, y, model=run.train_model)     # DDPM eq. 14: ‖ε − ε_θ(x_t, t)‖² (or v, x_0)
+    if run.step + 1 in args.debug_nan_steps:
+        loss = loss * float("nan")                                  # test hook
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()                                                 # ∇_θ
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.step += 1
+    run.images_seen += args.batch_size
+    run.apply_step(loss, grad_norm)                                 # AdamW step on θ, then the EMA
+    return loss
+
+
+def periodic_jobs(run, meter, lr, finished, say_all):
+    """Every --log-every steps a log row, every --sample-every a grid, every --eval-every the proxy FID,
+    every --save-every a checkpoint (the run's last step leaves the grid and the save to the end).
+    meter: the log's clock {"t", "n", "first_step"}; the time spent here is not training time."""
+    args, t_pause = run.args, time.time()
+    if run.step % args.log_every == 0 or run.step == meter["first_step"] + 1 or finished:
+        if run.sync_free:
+            run.read_nans(say_all)
+        seconds = max(time.time() - meter["t"], 1e-9)
+        img_s = meter["n"] * args.batch_size / seconds
+        run.seconds_per_image_step = seconds / (3 * meter["n"] * args.batch_size)   # a step ≈ 3 network calls
+        row = run.log_row(lr, img_s)
+        if run.master:
+            run.runlog.log(row)
+            run.postfix = dict(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}", lr=f"{lr:.2g}")
+        meter["t"], meter["n"] = time.time(), 0
+        t_pause = meter["t"]
+    sample_now = args.sample_every and run.step % args.sample_every == 0 and not finished
+    eval_now = args.eval_every and run.step % args.eval_every == 0
+    if sample_now and run.master:
+        tqdm.write(f"step {run.step}: samples in {draw_grid(run)}")
+        run.runlog.plot(f"{args.run_name}: training loss")
+    if eval_now and run.master:
+        evaluate(run)
+    if run.world > 1 and (sample_now or eval_now):
+        dist.barrier()                                          # the other ranks wait for rank 0
+    if args.save_every and run.step % args.save_every == 0 and not finished:
+        run.read_nans(say_all)
+        run.save()
+    meter["t"] += time.time() - t_pause                         # img/s counts training time only
+
+
+def train(args, explicit, cpu_recipe=None):
+    """One sitting of a run, holding the run's lock (checkpoint.RunLock) from the first check to the end."""
+    lock = RunLock(Path(args.ckpt_dir) / f"{args.run_name}.pt")
+    try:
+        sitting(args, explicit, cpu_recipe, lock)
+    finally:
+        lock.release()
+
+
+def sitting(args, explicit, cpu_recipe, lock):
     budget = Budget(args.max_minutes, time.time())
     device, rank, world = setup_distributed(args)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    run = build_run(args, explicit, device, rank, world, say)
-    if run.step >= args.steps:
-        say(f"{run.ckpt_path} is already at step {run.step} ≥ --steps {args.steps}; pass a larger --steps to train on")
+    say_all = tqdm.write if master else (lambda *a: None)
+    run = build_run(args, explicit, device, rank, world, say, lock)
+    done = run.budget_reached(run.train_seconds)
+    if done:
+        say(f"{run.ckpt_path} has {done} (step {run.step}, {run.train_flops / 1e15:.3g} PFLOP, "
+            f"{run.train_seconds / 3600:.2f} h); raise that budget to train on")
         return
+    project(run, say, cpu_recipe)
     log_folder = Path(args.log_dir) / args.run_name
     if master:
         run.runlog = RunLog(log_folder, run.step if args.resume else None, args.tensorboard)
         say(f"=== writing {run.ckpt_path}, {run.ema_path}, grids in {args.sample_dir}/, logs in {log_folder}/"
             f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
-    amp = autocast(device, args.amp)
 
     # Ctrl-C / SIGTERM: finish the step, save, stop. The handler steps aside after the first
     # signal, so a second one ends the process at once, whatever it is doing.
@@ -314,76 +375,42 @@ def train(args, explicit):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_DFL)
         if master:
-            tqdm.write(f"{stop['signal']}: finishing this step, then saving {run.ckpt_path} (press Ctrl-C again "
-                       "to quit at once, without saving)")
+            step_s = 3 * args.batch_size * (run.seconds_per_image_step or 0.0)
+            tqdm.write(f"{stop['signal']}: finishing this step{f' (about {step_s:.0f} s)' if step_s >= 2 else ''}, "
+                       f"then saving {run.ckpt_path} (press Ctrl-C again to quit at once, without saving)")
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    pbar = budget.bar(args.steps, run.step, args.run_name, disable=not master)
-    t_loop, t_log, n_log = time.time(), time.time(), 0
-    train_seconds_before, first_step = run.train_seconds, run.step
-    # The run's progress drives --lr-schedule. With --max-minutes it is also time: a resumed run goes
-    # on from where it stood and reaches 1 at this session's end. Every rank uses the largest clock
+    last_step = args.steps                              # the bar's end: --steps, or sooner at --max-pflop
+    if args.max_pflop:
+        last_step = min(last_step, run.step + math.ceil((1e15 * args.max_pflop - run.train_flops)
+                                                        / (3 * run.flops_per_image * args.batch_size)))
+    pbar = budget.bar(last_step, run.step, args.run_name, disable=not master)
+    t_loop, train_seconds_before = time.time(), run.train_seconds
+    meter = {"t": t_loop, "n": 0, "first_step": run.step}
+    # The run's progress drives --lr-schedule (Run.progress_now). Every rank uses the largest clocks
     # of all ranks, so that they all take the same step.
     progress_before = run.progress
-    time_used = rank_max([budget.time_used()], device, world)[0]
+    time_used, train_seconds = rank_max([budget.time_used(), run.train_seconds], device, world)
     if run.step:
         run.sums[4] = run.nan_streak
-    reason = "reached --steps"
+    reason = None
     try:
-        while run.step < args.steps:
-            # ------------------------------------------------ the step: DDPM Algorithm 1
+        while reason is None:
             x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            run.progress = max(run.step / args.steps, progress_before + (1 - progress_before) * time_used)
+            run.progress = run.progress_now(progress_before, time_used, train_seconds)
             lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
-            for group in run.opt.param_groups:
-                group["lr"] = lr
-            with amp:
-                loss = run.diffusion.loss(x0, y, model=run.train_model)         # DDPM eq. 14
-            if run.step + 1 in args.debug_nan_steps:
-                loss = loss * float("nan")                                      # test hook
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()                                                     # ∇_θ ‖ε − ε_θ(x_t, t)‖²
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.step += 1
-            # With DDP the gradients are already averaged, so every rank takes the same decision.
-            run.apply_step(loss, grad_norm)
-            say_all = tqdm.write if master else (lambda *a: None)
+            train_step(run, x0, y, lr)
             if not run.sync_free:
                 run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
             run.train_seconds = train_seconds_before + time.time() - t_loop
+            if master:                                      # the live step, every step
+                pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
             budget.advance(pbar, run.step)
-            n_log += 1
-
-            # ------------------------------------------------ periodic jobs
-            t_pause = time.time()
-            log_now = run.step % args.log_every == 0 or run.step == first_step + 1 or run.step == args.steps
-            if log_now:
-                if run.sync_free:
-                    run.read_nans(say_all)
-                seconds = max(time.time() - t_log, 1e-9)
-                img_s = n_log * args.batch_size / seconds
-                run.seconds_per_image_step = seconds / (3 * n_log * args.batch_size)   # a step ≈ 3 network calls
-                row = run.log_row(lr, img_s)
-                if master:
-                    run.runlog.log(row)
-                    pbar.set_postfix(step=run.step, loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}", lr=f"{lr:.2g}")
-                t_log, n_log = time.time(), 0
-                t_pause = t_log
-            sample_now = args.sample_every and run.step % args.sample_every == 0 and run.step < args.steps
-            eval_now = args.eval_every and run.step % args.eval_every == 0
-            if sample_now and master:
-                tqdm.write(f"step {run.step}: samples in {run.sample_grid()}")
-                run.runlog.plot(f"{args.run_name}: training loss")
-            if eval_now and master:
-                run.evaluate()
-            if world > 1 and (sample_now or eval_now):
-                dist.barrier()                              # the other ranks wait for rank 0
-            if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
-                run.read_nans(say_all)
-                run.save()
-            t_log += time.time() - t_pause                 # img/s counts training time only
+            meter["n"] += 1
+            finished = run.budget_reached(train_seconds)      # the run's last step: the end saves and draws
+            periodic_jobs(run, meter, lr, finished, say_all)
 
             # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
             per_call = run.seconds_per_image_step or 0.0
@@ -391,27 +418,37 @@ def train(args, explicit):
             if args.sample_every and budget.seconds is not None:
                 n_grid = plan_final_grid(args.sample_count, args.sample_steps, per_call, budget.seconds)
                 reserve += grid_seconds(n_grid, args.sample_steps, per_call)
-            stopping, time_used = rank_max([budget.left() <= reserve or stop["signal"] is not None,
-                                            budget.time_used()], device, world)
+            stopping, time_used, train_seconds = rank_max([budget.left() <= reserve or stop["signal"] is not None,
+                                                           budget.time_used(), run.train_seconds], device, world)
             if stopping:
                 reason = stop["signal"] or f"--max-minutes {args.max_minutes} used up"
-                break
+            elif run.step == args.debug_stop_step:
+                reason = "--debug-stop-step"                                      # test hook: end a sitting
+            else:
+                reason = finished
     finally:
         pbar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    finish(run, budget, reason, log_folder, say, interrupted=stop["signal"] is not None)
 
-    # ---------------------------------------------------------------- the end: save, grid, plot
+
+def finish(run, budget, reason, log_folder, say, interrupted):
+    """The end of a sitting: save, say where the run stands, the end-of-run grid, the loss plot."""
+    args = run.args
     run.read_nans(say)
-    if master:
-        say(f"=== saving {run.ckpt_path} …")
-    run.save()
-    if master:
+    say(f"=== saving {run.ckpt_path} …")
+    if not run.save():
+        raise SystemExit(f"stopped at step {run.step} ({reason}) without saving it; the last checkpoint is "
+                         f"{run.ckpt_path} at step {run.saved_step}")
+    if run.master:
         say(f"=== stopped at step {run.step} ({reason}) after {budget.elapsed() / 60:.1f} min; "
             f"saved {run.ckpt_path} and {run.ema_path}")
+        say(f"=== the run so far: {run.step} steps, {run.images_seen:,} images, {run.train_flops / 1e15:.3g} PFLOP, "
+            f"{run.train_seconds / 3600:.2f} h of training")
         if run.nan_skipped:
             say(f"=== {run.nan_skipped} non-finite steps were skipped")
-        if args.sample_every and not stop["signal"]:
+        if args.sample_every and not interrupted:
             final_grid(run, budget)
         run.runlog.plot(f"{args.run_name}: training loss")
         run.runlog.close()
@@ -420,32 +457,18 @@ def train(args, explicit):
         Path(args.debug_dump_dir).mkdir(parents=True, exist_ok=True)
         torch.save({"model": {k: v.cpu() for k, v in run.model.state_dict().items()},
                     "ema": {k: v.cpu() for k, v in run.ema.shadow.items()}},
-                   Path(args.debug_dump_dir) / f"rank{rank}.pt")
-
-
-def final_grid(run, budget):
-    """The end-of-run grid, sized from the measured speed to cost at most FINAL_GRID_SHARE of the run
-    (and to fit in what is left of --max-minutes), or skipped with a message."""
-    args = run.args
-    run_seconds = min(budget.elapsed(), budget.seconds or math.inf)
-    n = plan_final_grid(args.sample_count, args.sample_steps, run.seconds_per_image_step or 0.0, run_seconds)
-    if budget.seconds is not None:
-        while n >= 4 and grid_seconds(n, args.sample_steps, run.seconds_per_image_step or 0.0) > budget.left():
-            n //= 2
-        n = n if n >= 4 else 0
-    if n == 0:
-        print(f"=== no end-of-run grid: {args.sample_count} images × {args.sample_steps} steps would take about "
-              f"{grid_seconds(args.sample_count, args.sample_steps, run.seconds_per_image_step or 0):.0f} s, more "
-              f"than {FINAL_GRID_SHARE:.0%} of this run; draw one with python generate.py --ckpt {run.ema_path}")
-        return
-    print(f"=== samples in {run.sample_grid(n)}")
+                   Path(args.debug_dump_dir) / f"rank{run.rank}.pt")
 
 
 def main(defaults, argv=None, presets=None, description=None):
     """Parse the command line over `defaults` (and `presets`: {name: (values, help)}) and train."""
     args, explicit = parse_args(defaults, argv, presets, description)
+    presets = presets or {}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cpu_recipe = (f"--cpu: {presets['cpu'][1]}" if "cpu" in presets and "--cpu" not in argv and not args.resume
+                  else None)
     try:
-        train(args, explicit)
+        train(args, explicit, cpu_recipe)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

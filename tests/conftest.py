@@ -1,10 +1,24 @@
-"""Shared test setup: the repo root on sys.path, the offline data directory, small helpers."""
+"""Shared test setup: the repo root on sys.path, the offline data directory, and the helpers more
+than one test file uses (tests import them with `from conftest import ...`):
+
+    make_checkpoint, tiny_checkpoint    a tiny random checkpoint in the trainers' format
+    TINY, run, tensors_equal            a tiny training run in-process; checkpoints compared exactly
+    ZeroEps, WavyEps, make_diffusion    fake networks and a GaussianDiffusion around one (2×2 images)
+    reference                           β_t, α_t, ᾱ_t, ᾱ_{t−1} in float64 by a plain loop
+    free_port                           a free localhost port for the demo's server
+
+Repo modules are imported inside the helpers, so that this file loads without them (test_data.py
+copies it into an empty folder to test the data_dir fixture).
+"""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,8 +57,6 @@ def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=
     The zero-initialised output layers are filled with small random values so that the output
     depends on x_t, t and the label (a fresh model would predict exactly 0 everywhere).
     """
-    import torch
-
     from checkpoint import build_diffusion, save_checkpoint
 
     if num_classes and class_names is None:
@@ -83,9 +95,94 @@ def tiny_checkpoint(tmp_path):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors run faster on one thread, and a busy shared CPU cannot stall it at OpenMP barriers."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "50",
+        "--batch-size", "8", "--limit-data", "64", "--warmup-steps", "2", "--device", "cpu",
+        "--log-every", "1", "--sample-every", "0"]
+
+
+def run(script, folder, *extra):
+    """Train in-process (the datasets stay cached between tests) a TINY model with every output under
+    folder; -> folder/ckpt. script: a train_<dataset> module; extra: more flags, which win over TINY."""
+    script.main(TINY + ["--ckpt-dir", f"{folder}/ckpt", "--sample-dir", f"{folder}/samples",
+                        "--log-dir", f"{folder}/runs", *extra])
+    return folder / "ckpt"
+
+
+def tensors_equal(a, b, path="checkpoint"):
+    """Every tensor and value of two nested checkpoint dicts, compared exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            tensors_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            tensors_equal(u, v, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+# ----------------------------------------------------------------------------- fake networks
+
+class ZeroEps(nn.Module):
+    """ε_θ ≡ 0: a placeholder network (like a fresh UNet, whose output layer is zero)."""
+    num_classes = None
+
+    def forward(self, xt, t, labels=None):
+        return torch.zeros_like(xt)
+
+
+class WavyEps(nn.Module):
+    """A fixed nonlinear function of x_t and t (floats allowed) standing in for a network; with
+    labels, a label-dependent shift. Records every call in .calls as (batch size, t, labels)."""
+
+    def __init__(self, num_classes=None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.calls = []
+
+    def forward(self, xt, t, labels=None):
+        self.calls.append((xt.shape[0], t.clone(), None if labels is None else labels.clone()))
+        out = 0.5 * torch.sin(3 * xt + 0.1 * t.float().reshape(-1, 1, 1, 1))
+        return out if labels is None else out + 0.1 * labels.float().reshape(-1, 1, 1, 1)
+
+
+def make_diffusion(model=None, timesteps=1000, schedule="linear", image_size=2, channels=1, **kwargs):
+    """GaussianDiffusion around model (default ZeroEps) on 2×2 single-channel images."""
+    from diffusion import GaussianDiffusion
+
+    return GaussianDiffusion(ZeroEps() if model is None else model, image_size=image_size, channels=channels,
+                             timesteps=timesteps, schedule=schedule, **kwargs)
+
+
+def reference(schedule, timesteps):
+    """float64 (T,) tensors β_t, α_t, ᾱ_t, ᾱ_{t−1}, with ᾱ_t = ∏_{s≤t} α_s by a plain loop over the β's
+    (not diffusion.py's buffers, so that a wrong buffer cannot agree with itself)."""
+    from diffusion import cosine_beta_schedule, linear_beta_schedule
+
+    betas = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}[schedule](timesteps).tolist()
+    alpha_bar, prod = [], 1.0
+    for beta in betas:
+        prod *= 1.0 - beta
+        alpha_bar.append(prod)
+    betas, alpha_bar = torch.tensor(betas, dtype=torch.float64), torch.tensor(alpha_bar, dtype=torch.float64)
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return betas, 1 - betas, alpha_bar, alpha_bar_prev
+
+
+# ----------------------------------------------------------------------------- the demo's server
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,8 +1,9 @@
 """The Gradio demo, driven through its API with gradio_client: the page serves grids of the right
-size and count, streams the reverse chain, and refuses inputs outside its limits."""
+size and count, streams the reverse chain, and refuses inputs outside its limits; its model menu
+opens on the fastest model, with time estimates that the last real run calibrates."""
 
 import math
-import socket
+import re
 
 import gradio as gr
 import pytest
@@ -11,16 +12,10 @@ from gradio_client import Client
 from PIL import Image
 
 import app
-from conftest import make_checkpoint
+from conftest import free_port, make_checkpoint
 
 T = 20          # the tiny checkpoints' timesteps
 SIZE = 8        # and image size
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def server(tmp_path_factory):
     make_checkpoint(folder / "uncond_ema.pt", timesteps=T, image_size=SIZE)
     make_checkpoint(folder / "cond_ema.pt", timesteps=T, image_size=SIZE, num_classes=3,
                     class_names=["zero", "one", "two"])
-    demo = app.build_demo(app.discover_checkpoints(folder), "cpu")
+    demo = app.build_demo(app.discover_checkpoints(folder, pretrained_dir=folder / "none"), "cpu")
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     yield demo, Client(url, verbose=False)
     demo.close()
@@ -39,7 +34,7 @@ def server(tmp_path_factory):
 def test_checkpoints_are_discovered_by_name(tmp_path):
     for name in ("mnist_ema.pt", "mnist.pt", "notes.txt"):
         (tmp_path / name).touch()
-    assert [p.name for p in app.discover_checkpoints(tmp_path)] == ["mnist_ema.pt"]
+    assert [p.name for p in app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none")] == ["mnist_ema.pt"]
     assert app.discover_checkpoints(tmp_path, ["a_ema.pt", "b.pt"]) == [app.Path("a_ema.pt"), app.Path("b.pt")]
 
 
@@ -112,10 +107,33 @@ def test_estimate_and_model_switch(server):
     assert "3 classes" in about and "T = 20" in about
 
 
+def test_demo_opens_on_the_fastest_model_and_shows_each_estimate(tmp_path):
+    make_checkpoint(tmp_path / "a_big_ema.pt", timesteps=20, image_size=32, channels=3)
+    make_checkpoint(tmp_path / "z_small_ema.pt", timesteps=20, image_size=8)
+    infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
+    demo_app = app.App(infos, "cpu")
+    choices = demo_app.model_choices()
+    assert [name for _, name in choices] == ["z_small_ema", "a_big_ema"]
+    assert all(re.search(r"≈ [0-9.]+ s", label) for label, _ in choices)
+
+
+def test_demo_estimate_is_calibrated_by_the_last_real_run(tmp_path):
+    make_checkpoint(tmp_path / "m_ema.pt", timesteps=20, image_size=8)
+    infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
+    demo_app = app.App(infos, "cpu")
+    before = demo_app.estimate("m_ema", "DDIM", 10, 4, None, 0)
+    assert "calibrated after the first run" in before
+    seconds_before = demo_app.estimate_seconds(infos["m_ema"], 10, 4, 0)[0]
+    demo_app.calibrate(infos["m_ema"], 10, 4, 0, seconds=3 * seconds_before)        # the run took 3× longer
+    assert math.isclose(demo_app.estimate_seconds(infos["m_ema"], 10, 4, 0)[0], 3 * seconds_before, rel_tol=1e-6)
+    assert "calibrated on the last run" in demo_app.estimate("m_ema", "DDIM", 10, 4, None, 0)
+
+
 def test_without_checkpoints_the_page_says_how_to_train_one(tmp_path):
-    demo = app.build_demo(app.discover_checkpoints(tmp_path), "cpu")
+    demo = app.build_demo(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"), "cpu")
     text = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
     assert "python train_mnist.py" in text and "checkpoints/mnist_ema.pt" in text
+    assert "--max-minutes 15" in text and "DDPM_DATA=" in text                   # the README's command, offline too
     broken = tmp_path / "broken_ema.pt"
     broken.write_text("not a checkpoint")
     demo = app.build_demo([broken], "cpu")
@@ -133,3 +151,21 @@ def test_page_without_checkpoints_is_served(tmp_path):
             assert b"python train_mnist.py" in r.read()
     finally:
         demo.close()
+
+
+def test_a_shipped_model_is_half_precision_opens_without_training_and_names_its_quality(tmp_path, capsys):
+    import ship
+    from checkpoint import load_for_sampling
+    make_checkpoint(tmp_path / "run" / "cifar10_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=3)
+    shipped = tmp_path / "pretrained" / "cifar10.pt"
+    ship.main([str(tmp_path / "run" / "cifar10_ema.pt"), str(shipped), "--quality", "FID-10k 30.1"])
+    saved = torch.load(shipped, weights_only=True)
+    assert {v.dtype for v in saved["ema_model"].values() if v.is_floating_point()} == {torch.float16}
+    assert saved["quality"] == "FID-10k 30.1" and saved["config"]["model"]["num_classes"] == 3
+    diffusion, _ = load_for_sampling(shipped)                                  # computes in float32
+    assert next(diffusion.model.parameters()).dtype == torch.float32
+    paths = app.discover_checkpoints(tmp_path / "ckpts", pretrained_dir=tmp_path / "pretrained")
+    infos, problems = app.describe_checkpoints(paths)
+    assert not problems and list(infos) == ["cifar10 (shipped)"]
+    label = app.App(infos, "cpu").model_choices()[0][0]
+    assert label.startswith("cifar10 (shipped) · FID-10k 30.1 · ≈ ")

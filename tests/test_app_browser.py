@@ -12,25 +12,19 @@ CHROMIUM_PATH: the browser (default /usr/bin/chromium; `apt-get install chromium
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 import app
-from conftest import make_checkpoint
+from conftest import free_port, make_checkpoint
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_browser_clicks_generate_and_sees_the_grid(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CHROMIUM_PATH)")

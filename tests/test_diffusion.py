@@ -1,9 +1,10 @@
 """diffusion.py, identity by identity: schedules, forward process, posterior, samplers, losses.
 
 Index convention as in diffusion.py: the tensor index t ∈ {0, …, T−1} is the paper's step t + 1.
-Reference values are computed here in float64 from the β's alone (plain loops, not the buffers),
-so a wrong buffer cannot agree with itself. Networks are fake: small modules computing a fixed
-function of x_t and t, so every test runs in milliseconds.
+Reference values are computed in float64 from the β's alone (conftest.reference: plain loops, not
+the buffers), so a wrong buffer cannot agree with itself. Networks are fake: small modules computing
+a fixed function of x_t and t, so every test runs in milliseconds. How many network calls each
+sampler makes, and which settings it refuses, is in test_samplers.py, for all four samplers at once.
 """
 
 import math
@@ -12,45 +13,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diffusion import GaussianDiffusion, cosine_beta_schedule, linear_beta_schedule
+from conftest import WavyEps, make_diffusion, reference
+from diffusion import cosine_beta_schedule, linear_beta_schedule
 
 SCHEDULE_FNS = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 
 
-
 # ----------------------------------------------------------------------------- helpers
-
-def reference(schedule, timesteps):
-    """float64 (T,) tensors β_t, α_t, ᾱ_t, ᾱ_{t−1}, with ᾱ_t = ∏_{s≤t} α_s by a plain loop."""
-    betas = SCHEDULE_FNS[schedule](timesteps).tolist()
-    alpha_bar, prod = [], 1.0
-    for beta in betas:
-        prod *= 1.0 - beta
-        alpha_bar.append(prod)
-    betas, alpha_bar = torch.tensor(betas, dtype=torch.float64), torch.tensor(alpha_bar, dtype=torch.float64)
-    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    return betas, 1 - betas, alpha_bar, alpha_bar_prev
-
 
 def per_sample(values, t):
     """(T,) values at (B,) steps -> (B, 1, 1, 1)."""
     return values[t].reshape(-1, 1, 1, 1)
-
-
-class ZeroEps(nn.Module):
-    """ε_θ ≡ 0: a placeholder network (like a fresh UNet, whose output layer is zero)."""
-    num_classes = None
-
-    def forward(self, xt, t, labels=None):
-        return torch.zeros_like(xt)
-
-
-class WavyEps(nn.Module):
-    """A fixed nonlinear function of x_t and t standing in for a network."""
-    num_classes = None
-
-    def forward(self, xt, t, labels=None):
-        return 0.5 * torch.sin(3 * xt + 0.1 * t.float().reshape(-1, 1, 1, 1))
 
 
 class ConsistentEps(nn.Module):
@@ -79,25 +52,6 @@ class LabelledEps(nn.Module):
             labels = torch.full_like(t, self.num_classes)
         self.calls.append((xt.shape[0], t.clone(), labels.clone()))
         return 0.1 * xt + labels.float().reshape(-1, 1, 1, 1)
-
-
-class CallCounter(nn.Module):
-    """Wraps a network and records the step t of every call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.num_classes = getattr(model, "num_classes", None)
-        self.calls = []
-
-    def forward(self, xt, t, labels=None):
-        self.calls.append(t.clone())
-        return self.model(xt, t, labels)
-
-
-def make_diffusion(model=None, timesteps=1000, schedule="linear", image_size=2, channels=1, **kwargs):
-    return GaussianDiffusion(ZeroEps() if model is None else model, image_size=image_size, channels=channels,
-                             timesteps=timesteps, schedule=schedule, **kwargs)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -357,16 +311,6 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
 
 # ----------------------------------------------------------------------------- the reverse loop
 
-def test_ddpm_sampling_makes_exactly_T_model_calls():
-    counter = CallCounter(WavyEps())
-    diffusion = make_diffusion(counter, timesteps=20)
-    out = diffusion.sample(3, sampler="ddpm", progress=False)
-    assert out.shape == (3, 1, 2, 2)
-    assert len(counter.calls) == 20
-    assert [int(t[0]) for t in counter.calls] == list(range(19, -1, -1))      # t = T−1 … 0
-    assert all(t.shape == (3,) for t in counter.calls)
-
-
 def test_ddpm_last_step_adds_no_noise():
     # Algorithm 2: x_0 = μ_θ(x_1, 1) exactly, while every earlier step adds σ_t·z.
     diffusion = make_diffusion(WavyEps(), timesteps=20)
@@ -442,18 +386,6 @@ def test_ddpm_step_noise_has_variance_sigma_squared(variance):
     assert noise.var().item() == pytest.approx(sigma2.item(), rel=0.03)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("ddim", 3), ("ddim", 10), ("ddim", 50), ("ddpm", 10)])
-def test_ddim_makes_exactly_steps_model_calls(sampler, steps):
-    counter = CallCounter(WavyEps())
-    diffusion = make_diffusion(counter, timesteps=50)
-    diffusion.sample(2, sampler=sampler, steps=steps, progress=False)
-    ts = [int(t[0]) for t in counter.calls]
-    assert len(ts) == steps
-    assert ts[0] == 49 and ts == sorted(set(ts), reverse=True)              # distinct, descending, from T−1
-    if steps > 1:
-        assert ts[-1] == 0
-
-
 def test_classifier_free_guidance_doubles_batch_and_mixes_1_plus_w_cond_minus_w_uncond():
     model = LabelledEps(num_classes=3)
     diffusion = make_diffusion(model, timesteps=10)
@@ -464,14 +396,7 @@ def test_classifier_free_guidance_doubles_batch_and_mixes_1_plus_w_cond_minus_w_
     assert torch.equal(labels_seen, torch.tensor([0, 1, 2, 1, 3, 3, 3, 3]))        # then the null label
     cond, uncond = 0.1 * xt + labels.float().reshape(-1, 1, 1, 1), 0.1 * xt + 3.0
     assert torch.allclose(eps, (1 + w) * cond - w * uncond, atol=1e-6)
-
-    # in sampling: every call is doubled with guidance, single without it
-    model.calls.clear()
-    diffusion.sample(4, sampler="ddim", steps=5, labels=labels, guidance=w, progress=False)
-    assert [c[0] for c in model.calls] == [8] * 5
-    model.calls.clear()
-    diffusion.sample(4, sampler="ddim", steps=5, labels=labels, guidance=0.0, progress=False)
-    assert [c[0] for c in model.calls] == [4] * 5 and torch.equal(model.calls[0][2], labels)
+    # in sampling, every call is doubled with guidance: test_samplers.py, for every sampler
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -534,16 +459,6 @@ def test_sampling_timesteps_is_all_T_steps_for_ddpm_and_evenly_respaced_otherwis
         ts = diffusion.sampling_timesteps("ddim", steps)
         assert len(ts) == steps and ts[0] == 9 and (steps == 1 or ts[-1] == 0)
         assert all(a > b for a, b in zip(ts, ts[1:]))
-
-
-@pytest.mark.parametrize("sampler,steps", [("ddim", 0), ("ddim", 11), ("ddpm", -1), ("ddim", 2.5), ("ddim", True),
-                                           ("heun", 5)])
-def test_sampling_timesteps_refuses_what_the_model_cannot_do(sampler, steps):
-    diffusion = make_diffusion(WavyEps(), timesteps=10)
-    with pytest.raises(ValueError, match="T = 10|unknown sampler"):
-        diffusion.sampling_timesteps(sampler, steps)
-    with pytest.raises(ValueError):
-        diffusion.sample(1, sampler=sampler, steps=steps, progress=False)
 
 
 def test_sample_settings_are_keyword_only():

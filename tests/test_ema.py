@@ -153,3 +153,9 @@ def test_copy_to_writes_the_averaged_weights_into_a_model():
     # the model is usable: same forward as a model built from the shadow
     target.eval()
     assert target(torch.randn(4, 3)).shape == (4, 2)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
+def test_decay_outside_zero_to_one_is_refused_as_the_trainers_refuse_it(decay):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        EMA(torch.nn.Linear(2, 2), decay)

@@ -7,6 +7,7 @@ import scipy.linalg
 import torch
 
 import fid
+import metrics
 
 
 
@@ -23,8 +24,8 @@ def test_frechet_distance_equals_the_formula_computed_with_scipy():
     mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
     mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
     direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    assert np.allclose(fid.feature_stats(f1)[0], mu1) and np.allclose(fid.feature_stats(f1)[1], s1)
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-9)
+    assert np.allclose(metrics.feature_stats(f1)[0], mu1) and np.allclose(metrics.feature_stats(f1)[1], s1)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-9)
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_mean_gap_plus_sqrt_variance_gap():
@@ -32,30 +33,30 @@ def test_frechet_distance_of_diagonal_gaussians_is_mean_gap_plus_sqrt_variance_g
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     expected = 1 + 0 + 4 + (1 - 3) ** 2 + (2 - 1) ** 2 + 0
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
 
 
 def test_identical_sets_score_zero_and_shifted_sets_score_higher():
     f = random_features(300, 8, 2)
-    mu, sigma = fid.feature_stats(f)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-    scores = [fid.frechet_distance(mu, sigma, *fid.feature_stats(f + s)) for s in (0.1, 0.5, 1.0)]
+    mu, sigma = metrics.feature_stats(f)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    scores = [metrics.frechet_distance(mu, sigma, *metrics.feature_stats(f + s)) for s in (0.1, 0.5, 1.0)]
     assert scores == sorted(scores) and scores[0] > 0
     assert scores[-1] == pytest.approx(8 * 1.0 ** 2, rel=1e-6)          # a pure shift: d² = ‖shift‖²
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     f1, f2 = random_features(400, 8, 3), random_features(400, 8, 4)
-    same, _ = fid.kernel_distance(f1, f2, subsets=10, subset_size=200)
-    shifted, _ = fid.kernel_distance(f1, f2 + 1.0, subsets=10, subset_size=200)
+    same, _ = metrics.kernel_distance(f1, f2, subsets=10, subset_size=200)
+    shifted, _ = metrics.kernel_distance(f1, f2 + 1.0, subsets=10, subset_size=200)
     assert abs(same) < 0.05 and shifted > 10 * abs(same) and shifted > 0.1
 
 
 def test_confidence_and_coverage():
     even = np.eye(4)[np.arange(100) % 4] * 0.97 + 0.01                   # confident, all 4 classes evenly
     one = np.tile([0.5, 0.2, 0.2, 0.1], (100, 1))                         # unsure, always class 0
-    assert fid.confident_share(even) == 1.0 and fid.class_coverage(even) == pytest.approx(1.0)
-    assert fid.confident_share(one) == 0.0 and fid.class_coverage(one) == pytest.approx(0.0)
+    assert metrics.confident_share(even) == 1.0 and metrics.class_coverage(even) == pytest.approx(1.0)
+    assert metrics.confident_share(one) == 0.0 and metrics.class_coverage(one) == pytest.approx(0.0)
 
 
 # ----------------------------------------------------------------------------- Inception, end to end
@@ -83,12 +84,12 @@ def tiny_npz(path, n, seed, channels=3, size=16):
 def test_inception_fid_runs_end_to_end_with_stand_in_weights(stand_in_inception, tmp_path, capsys, monkeypatch):
     # scipy's sqrtm of a 2048×2048 matrix takes minutes on a busy 2-core CPU: here the distance is
     # taken over the first 32 features (frechet_distance itself is tested above); all else is real.
-    real_frechet_distance, seen = fid.frechet_distance, []
+    real_frechet_distance, seen = metrics.frechet_distance, []
 
     def frechet_distance_on_32_features(mu1, sigma1, mu2, sigma2):
         seen.append((mu1.shape, sigma1.shape, mu2.shape, sigma2.shape))
         return real_frechet_distance(mu1[:32], sigma1[:32, :32], mu2[:32], sigma2[:32, :32])
-    monkeypatch.setattr(fid, "frechet_distance", frechet_distance_on_32_features)
+    monkeypatch.setattr(metrics, "frechet_distance", frechet_distance_on_32_features)
     samples, reference = tiny_npz(tmp_path / "s.npz", 4, 0, channels=1), tiny_npz(tmp_path / "r.npz", 4, 1)
     argv = ["--samples", str(samples), "--dataset", str(reference), "--inception-weights", str(stand_in_inception),
             "--ckpt-dir", str(tmp_path / "ck"), "--kid-subsets", "2", "--kid-subset-size", "4", "--device", "cpu"]

@@ -5,6 +5,7 @@ All runs go through main(argv) in-process, on tiny random checkpoints (8×8, T =
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -13,13 +14,15 @@ from PIL import Image
 
 import generate
 import generate_cifar
-
+import sampling
 
 
 def run(ckpt, tmp_path, *flags):
-    """generate.main with the grid in tmp_path; returns the (N, H, W, C) uint8 images."""
-    images, _, _, _ = generate.run(generate.build_parser().parse_args(
-        ["--ckpt", str(ckpt), "--grid", str(tmp_path / "grid.png"), "--device", "cpu", *flags]))
+    """What generate.main does, with the grid in tmp_path; returns the (N, H, W, C) uint8 images."""
+    args = sampling.build_parser().parse_args(
+        ["--ckpt", str(ckpt), "--grid", str(tmp_path / "grid.png"), "--device", "cpu", *flags])
+    images, labels, resolved, config, trajectory = sampling.sample_from_args(args)
+    sampling.write_outputs(args, images, labels, resolved, config, trajectory)
     return images
 
 
@@ -179,6 +182,16 @@ def test_cifar_unconditional_grid_is_ten_per_row(tiny_checkpoint, tmp_path):
     assert Image.open(grid).size == (10 * 10 + 2, 2 * 10 + 2)
 
 
+def test_generate_cifar_help_names_the_grid_it_writes(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        generate_cifar.main(["--help"])
+    assert generate_cifar.GRID in re.sub(r"\s+", "", capsys.readouterr().out)
+    ckpt = tiny_checkpoint(num_classes=3, class_names=["a", "b", "c"], channels=3, dataset="cifar10")
+    monkeypatch.chdir(tmp_path)
+    generate_cifar.main(["--ckpt", str(ckpt), "--n", "6", "--sampler", "ddim", "--steps", "2", "--device", "cpu"])
+    assert (tmp_path / "samples" / "cifar10_grid_ddim2.png").exists()
+
+
 @pytest.mark.parametrize("sampler, steps, extra", [("edm", "7", ["--churn", "0"]), ("edm", "8", []),
                                                    ("dpmpp2m", "6", [])])
 def test_new_samplers_run_from_the_command_line_with_their_call_count(tiny_checkpoint, tmp_path, sampler, steps,
@@ -213,12 +226,12 @@ def test_amp_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_checkpoint
         hook.remove()
     assert seen == [torch.bfloat16] and half.dtype == torch.float32
     assert (half - exact).abs().max() < 0.05 * exact.abs().max() and not torch.equal(half, exact)
-    parsed = generate.build_parser().parse_args(["--ckpt", str(ckpt), "--no-amp"])
-    assert parsed.amp is False and generate.build_parser().parse_args([]).amp is True
+    parsed = sampling.build_parser().parse_args(["--ckpt", str(ckpt), "--no-amp"])
+    assert parsed.amp is False and sampling.build_parser().parse_args([]).amp is True
     opened = []
-    monkeypatch.setattr(generate, "load_for_sampling", lambda path, device, amp: opened.append(amp) or
+    monkeypatch.setattr(sampling, "load_for_sampling", lambda path, device, amp: opened.append(amp) or
                         load_for_sampling(path, device, amp))
-    generate.sample_from_args(generate.build_parser().parse_args(
+    sampling.sample_from_args(sampling.build_parser().parse_args(
         ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--no-amp", "--device", "cpu"]))
     assert opened == [False]
 

@@ -17,6 +17,7 @@ def test_mosaic_round_trip_is_exact():
     assert np.array_equal(gpu_stage.from_mosaic(mosaic, 1003, 8, columns=250), images)
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_every_part_and_returns_what_fits(data_dir, tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     monkeypatch.chdir(tmp_path)
@@ -36,5 +37,4 @@ def test_rehearsal_runs_every_part_and_returns_what_fits(data_dir, tmp_path, mon
     assert samples.dtype == np.uint8 and samples.shape[1:] == (32, 32, 3)
     assert isinstance(summary["parts"]["faces"], dict)
     models = {row["model"] for row in summary["speed"]["rows"] if "train_img_s" in row}
-    assert models == {"ours (unet.UNet)", "diffusers UNet2DModel"}
-    assert summary["total_seconds"] < 120
+    assert models == {"ours (unet.UNet)", "diffusers UNet2DModel"}     # no wall-time bound: speed is benchmark.py's

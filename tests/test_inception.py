@@ -279,6 +279,7 @@ def test_real_torchscript_names_match_the_oracle(template):
 AGREEMENT_IMAGES = int(os.environ.get("INCEPTION_TEST_IMAGES", 100))
 
 
+@pytest.mark.slow                                   # about a minute per dataset on a 2-core CPU
 @pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
 def test_converted_weights_give_the_torchscripts_features(dataset, data_dir):
     """AGREEMENT_IMAGES test images (evenly spaced: all classes), 2048-d features of torch-fidelity's network with the

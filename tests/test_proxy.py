@@ -1,13 +1,15 @@
 """proxy.py: the proxy network, trained for a few iterations on real MNIST and on unlabelled
-images, and fid.proxy_metrics, the trainer's evaluation hook built on it."""
+images, and metrics.proxy_metrics, the trainer's evaluation hook built on it."""
 
 import numpy as np
 import pytest
 import torch
 
 import fid
+import metrics
 import proxy
 from data import load_split
+from diffusion import DEFAULT_SAMPLER
 
 
 TINY_TRAIN = {"limit": 300, "max_iters": 25, "batch_size": 64}
@@ -26,12 +28,12 @@ def test_proxy_features_real_vs_real_small_real_vs_noise_large(mnist_proxy, data
     fa, pa = mnist_proxy.features(a)
     fb, _ = mnist_proxy.features(b)
     fn, pn = mnist_proxy.features(noise)
-    real_real = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fb))
-    real_noise = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fn))
+    real_real = metrics.frechet_distance(*metrics.feature_stats(fa), *metrics.feature_stats(fb))
+    real_noise = metrics.frechet_distance(*metrics.feature_stats(fa), *metrics.feature_stats(fn))
     assert fa.shape == (300, 128) and pa.shape == (300, 10)
     assert real_noise > 10 * real_real
     for probs in (pa, pn):
-        assert 0 <= fid.confident_share(probs) <= 1 and 0 <= fid.class_coverage(probs) <= 1
+        assert 0 <= metrics.confident_share(probs) <= 1 and 0 <= metrics.class_coverage(probs) <= 1
     assert mnist_proxy.config["task"] == "classes" and 0 <= mnist_proxy.config["test_accuracy"] <= 1
 
 
@@ -39,14 +41,14 @@ def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_check
     from checkpoint import load_for_sampling
     diffusion, config = load_for_sampling(tiny_checkpoint(num_classes=10, class_names=[str(i) for i in range(10)]))
     ckpt_dir = tmp_path / "ck"
-    m = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+    m = metrics.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
                           ref_limit=400, proxy_train_kwargs=TINY_TRAIN)
     assert "training proxy classifier for mnist" in capsys.readouterr().out
     assert (ckpt_dir / "proxy_mnist.pt").exists() and list((ckpt_dir / "fid_stats").glob("mnist_train_8px_400_*.npz"))
     assert set(m) == {"proxy_fid", "confident", "coverage", "n", "sampler", "steps"}
     assert m["proxy_fid"] > 0 and 0 <= m["confident"] <= 1 and 0 <= m["coverage"] <= 1
-    assert (m["n"], m["sampler"], m["steps"]) == (40, "ddim", 3)
-    again = fid.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
+    assert (m["n"], m["sampler"], m["steps"]) == (40, DEFAULT_SAMPLER, 3)      # the fast default sampler
+    again = metrics.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
                               ref_limit=400)
     assert again == m                                        # seeded noise, cached proxy and statistics
     assert "training" not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """EDM's stochastic sampler, DPM-Solver++(2M), the σ ↔ t map they share with the discrete model, and
-Min-SNR-γ loss weighting, identity by identity.
+Min-SNR-γ loss weighting, identity by identity; and for all four samplers (DDPM and DDIM too), the
+network calls they make and the settings they refuse.
 
 The network here is exact: for data x_0 ~ N(μ, s²·I), q(x_t) = N(√ᾱ_t·μ, (ᾱ_t·s² + 1 − ᾱ_t)·I) and the
 ε that minimises eq. 14 is E[ε | x_t] in closed form. So a sampler's only errors are its own
@@ -15,11 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import GaussianDiffusion, linear_beta_schedule
+from conftest import WavyEps, make_diffusion, reference
+from samplers import edm_sigmas, sigma_to_t, t_to_sigma
 
 T = 1000                                                   # the MNIST runs' linear schedule
 MU = torch.tensor([[0.3, -0.2], [0.1, 0.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
 S = 0.5                                                    # the data's std, about that of images in [−1, 1]
+SAMPLERS = ["ddpm", "ddim", "edm", "dpmpp2m"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -42,24 +45,6 @@ class GaussianEps(nn.Module):
         x = xt.double()
         x0 = MU + ab.sqrt() * S ** 2 / (ab * S ** 2 + 1 - ab) * (x - ab.sqrt() * MU)
         return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).float()
-
-
-class WavyEps(nn.Module):
-    """A fixed nonlinear function of x_t and t (floats allowed) standing in for a network; counts calls."""
-
-    def __init__(self, num_classes=None):
-        super().__init__()
-        self.num_classes = num_classes
-        self.calls = []                                                              # (batch, t) per call
-
-    def forward(self, xt, t, labels=None):
-        self.calls.append((xt.shape[0], t.clone()))
-        out = 0.5 * torch.sin(3 * xt + 0.1 * t.float().reshape(-1, 1, 1, 1))
-        return out if labels is None else out + 0.1 * labels.float().reshape(-1, 1, 1, 1)
-
-
-def make_diffusion(model, timesteps=T, **kwargs):
-    return GaussianDiffusion(model, image_size=2, channels=1, timesteps=timesteps, **kwargs)
 
 
 def gaussian_diffusion():
@@ -120,46 +105,53 @@ def test_deterministic_solvers_converge_at_their_order(sampler, counts, settings
 
 # ----------------------------------------------------------------------------- network calls
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "edm", "dpmpp2m"])
-@pytest.mark.parametrize("steps", [1, 2, 5, 6, 50])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("steps", [None, 1, 2, 3, 5, 6, 10, 50])
 def test_one_network_call_per_timestep_and_one_yield_per_call(sampler, steps):
     model = WavyEps()
     diffusion = make_diffusion(model, timesteps=50)
     ts = diffusion.sampling_timesteps(sampler, steps)
     yields = list(diffusion.sample_iter(3, sampler=sampler, steps=steps, progress=False))
-    assert len(model.calls) == len(ts) == len(yields) == steps
-    assert [t for t, _, _ in yields] == ts
-    seen = torch.stack([t for _, t in model.calls])                                # (calls, batch)
+    calls = steps or 50                              # the default: all T for ddpm, min(50, T) for the others
+    assert len(model.calls) == len(ts) == len(yields) == calls
+    assert [t for t, _, _ in yields] == ts and yields[-1][1].shape == (3, 1, 2, 2)
+    seen = torch.stack([t for _, t, _ in model.calls])                             # (calls, batch)
     assert torch.allclose(seen.double(), torch.tensor(ts, dtype=torch.float64)[:, None].expand_as(seen), atol=1e-4)
     kind = float if sampler == "edm" else int
     assert all(type(t) is kind for t in ts)
-    assert ts[0] == 49 and (steps == 1 or ts[-1] == 0)          # from t = T−1 down to t = 0
+    assert ts[0] == 49 and (calls == 1 or ts[-1] == 0)          # from t = T−1 down to t = 0
+    if sampler != "edm":                     # (EDM's t rise again where churn lifts σ, and Heun calls twice at one σ)
+        assert all(a > b for a, b in zip(ts, ts[1:]))           # distinct, descending: every t for ddpm's default
 
 
-@pytest.mark.parametrize("sampler", ["edm", "dpmpp2m"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_guidance_doubles_the_batch_not_the_calls(sampler):
     model = WavyEps(num_classes=3)
     diffusion = make_diffusion(model, timesteps=50)
     labels = torch.tensor([0, 1, 2, 1])
     diffusion.sample(4, sampler=sampler, steps=7, labels=labels, guidance=2.0, progress=False)
-    assert [batch for batch, _ in model.calls] == [8] * 7
+    assert [batch for batch, _, _ in model.calls] == [8] * 7
+    doubled = torch.tensor([0, 1, 2, 1, 3, 3, 3, 3])                               # then the null label
+    assert all(torch.equal(seen, doubled) for *_, seen in model.calls)
+    model.calls.clear()
+    diffusion.sample(4, sampler=sampler, steps=7, labels=labels, guidance=0.0, progress=False)
+    assert [batch for batch, _, _ in model.calls] == [4] * 7
+    assert all(torch.equal(seen, labels) for *_, seen in model.calls)
 
 
-@pytest.mark.parametrize("sampler", ["edm", "dpmpp2m", "ddim", "ddpm"])
-@pytest.mark.parametrize("steps", [0, 51, 2.5, True])
-def test_sampling_timesteps_refuses_steps_outside_1_to_T(sampler, steps):
+@pytest.mark.parametrize("sampler, settings, message", [
+    *[(sampler, {"steps": steps}, "T = 50") for sampler in SAMPLERS for steps in (0, 51, -1, 2.5, True)],
+    ("heun", {"steps": 10}, "unknown sampler 'heun'"),
+    ("edm", {"steps": 5, "eta": 0.5}, "eta"),              # η means something only to DDIM's update
+    ("dpmpp2m", {"steps": 5, "eta": 0.5}, "eta"),
+])
+def test_bad_sampler_settings_are_refused_saying_what_was_wrong(sampler, settings, message):
     diffusion = make_diffusion(WavyEps(), timesteps=50)
-    with pytest.raises(ValueError, match="T = 50"):
-        diffusion.sampling_timesteps(sampler, steps)
-
-
-def test_sampling_timesteps_refuses_unknown_samplers_and_eta_where_it_means_nothing():
-    diffusion = make_diffusion(WavyEps(), timesteps=50)
-    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
-        diffusion.sampling_timesteps("heun", 10)
-    for sampler in ["edm", "dpmpp2m"]:
-        with pytest.raises(ValueError, match="eta"):
-            diffusion.sample(1, sampler=sampler, steps=5, eta=0.5, progress=False)
+    if "eta" not in settings:
+        with pytest.raises(ValueError, match=message):
+            diffusion.sampling_timesteps(sampler, settings["steps"])
+    with pytest.raises(ValueError, match=message):
+        diffusion.sample(1, sampler=sampler, progress=False, **settings)
 
 
 def test_edm_noise_levels_follow_eq5_and_spend_every_call():
@@ -168,14 +160,14 @@ def test_edm_noise_levels_follow_eq5_and_spend_every_call():
     diffusion = make_diffusion(WavyEps())
     sigma_min, sigma_max = diffusion.sigma_table[0].item(), diffusion.sigma_table[-1].item()
     for calls, N, heun in [(9, 5, [1, 1, 1, 1, 0]), (10, 6, [0, 1, 1, 1, 1, 0]), (1, 1, [0]), (2, 2, [0, 0])]:
-        plan = diffusion.edm_sigmas(calls, churn=0.0)
+        plan = edm_sigmas(diffusion.sigma_table, calls, churn=0.0)
         expected = [sigma_max] if N == 1 else [
             (sigma_max ** (1 / 7) + i / (N - 1) * (sigma_min ** (1 / 7) - sigma_max ** (1 / 7))) ** 7 for i in range(N)]
         assert [s for s, _, _, _ in plan] == pytest.approx(expected, rel=1e-12)
         assert [s_next for _, _, s_next, _ in plan] == pytest.approx(expected[1:] + [0.0], rel=1e-12)
         assert [int(h) for *_, h in plan] == heun and sum(1 + h for h in heun) == calls
     # churn: γ = min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax] only, and never above σ_max
-    for sigma, sigma_hat, _, _ in diffusion.edm_sigmas(25, churn=40.0, s_tmin=0.05, s_tmax=50.0):
+    for sigma, sigma_hat, _, _ in edm_sigmas(diffusion.sigma_table, 25, churn=40.0, s_tmin=0.05, s_tmax=50.0):
         gamma = math.sqrt(2) - 1 if 0.05 <= sigma <= 50.0 else 0.0
         assert sigma_hat == pytest.approx(min(sigma * (1 + gamma), sigma_max), rel=1e-12)
 
@@ -240,7 +232,7 @@ def test_yielded_x_t_is_in_ddpm_scaling_for_edm():
     # over-disperses by ~18%: EDM's churned Heun steps are coarse there), hence the loose band.
     diffusion = gaussian_diffusion()
     levels = []
-    for _, _, sigma_next, heun in diffusion.edm_sigmas(49):
+    for _, _, sigma_next, heun in edm_sigmas(diffusion.sigma_table, 49):
         levels += [sigma_next, sigma_next] if heun else [sigma_next]
     yields = list(diffusion.sample_iter(4000, sampler="edm", steps=49, clip_denoised=False, progress=False,
                                         generator=torch.Generator().manual_seed(3)))
@@ -257,22 +249,22 @@ def test_sigma_is_the_ddpm_noise_to_signal_ratio_and_t_of_sigma_is_exact_on_the_
     alpha_bar = diffusion.alphas_cumprod.double()
     assert torch.allclose(diffusion.sigma_table, ((1 - alpha_bar) / alpha_bar).sqrt(), rtol=1e-12, atol=0)
     t = torch.arange(T, dtype=torch.float64)
-    assert torch.allclose(diffusion.sigma_to_t(diffusion.sigma_table), t, rtol=0, atol=1e-9)
-    assert torch.allclose(diffusion.t_to_sigma(t), diffusion.sigma_table, rtol=1e-12, atol=0)
+    assert torch.allclose(sigma_to_t(diffusion.sigma_table, diffusion.sigma_table), t, rtol=0, atol=1e-9)
+    assert torch.allclose(t_to_sigma(diffusion.sigma_table, t), diffusion.sigma_table, rtol=1e-12, atol=0)
 
 
 def test_t_of_sigma_is_monotone_between_table_entries_and_log_linear():
     diffusion = make_diffusion(WavyEps())
     table = diffusion.sigma_table
     sigmas = torch.logspace(math.log10(table[0]), math.log10(table[-1]), 20_000, dtype=torch.float64)[1:-1]
-    t = diffusion.sigma_to_t(sigmas)
+    t = sigma_to_t(diffusion.sigma_table, sigmas)
     assert (t.diff() > 0).all() and t[0] > 0 and t[-1] < T - 1
-    assert torch.allclose(diffusion.t_to_sigma(t), sigmas, rtol=1e-10, atol=0)           # each the other's inverse
+    assert torch.allclose(t_to_sigma(diffusion.sigma_table, t), sigmas, rtol=1e-10, atol=0)           # each the other's inverse
     midpoints = (table[:-1] * table[1:]).sqrt()                                          # log-midpoints
     halves = torch.arange(T - 1, dtype=torch.float64) + 0.5
-    assert torch.allclose(diffusion.sigma_to_t(midpoints), halves, rtol=0, atol=1e-9)
+    assert torch.allclose(sigma_to_t(diffusion.sigma_table, midpoints), halves, rtol=0, atol=1e-9)
     # outside the table the step is clamped to its ends
-    assert diffusion.sigma_to_t(table[0].item() / 2).item() == 0 and diffusion.sigma_to_t(1e9).item() == T - 1
+    assert sigma_to_t(diffusion.sigma_table, table[0].item() / 2).item() == 0 and sigma_to_t(diffusion.sigma_table, 1e9).item() == T - 1
 
 
 # ----------------------------------------------------------------------------- Min-SNR-γ
@@ -280,12 +272,8 @@ def test_t_of_sigma_is_monotone_between_table_entries_and_log_linear():
 @pytest.mark.parametrize("objective", ["eps", "v", "x0"])
 def test_min_snr_weight_is_min_snr_gamma_relative_to_the_objective(objective):
     # Hang et al. 2023: min(SNR_t, γ)/SNR_t for ε, min(SNR_t, γ)/(SNR_t + 1) for v, min(SNR_t, γ) for x_0.
-    betas = linear_beta_schedule(T).tolist()
-    alpha_bar, prod = [], 1.0
-    for beta in betas:
-        prod *= 1 - beta
-        alpha_bar.append(prod)
-    snr = torch.tensor(alpha_bar, dtype=torch.float64) / (1 - torch.tensor(alpha_bar, dtype=torch.float64))
+    _, _, alpha_bar, _ = reference("linear", T)
+    snr = alpha_bar / (1 - alpha_bar)
     clipped = snr.clamp(max=5.0)
     expected = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[objective]
     diffusion = make_diffusion(WavyEps(), objective=objective, loss_weighting="min_snr")

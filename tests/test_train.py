@@ -1,49 +1,27 @@
-"""The training loop: checkpoints any script can rebuild, bit-exact resume, NaN steps, DDP.
+"""The training loop: checkpoints any script can rebuild, bit-exact resume, NaN steps, DDP, signals,
+--max-minutes.
 
-Every run is a tiny model (base 8, two levels, T = 50) for a few steps on a slice of the real data.
+Every run is a tiny model (conftest.TINY: base 8, two levels, T = 50) for a few steps on a slice of
+the real data.
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import budget
 import train_celeba
 import train_cifar
 import train_mnist
 import trainer
 from checkpoint import load_for_sampling
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--timesteps", "50",
-        "--batch-size", "8", "--limit-data", "64", "--warmup-steps", "2", "--device", "cpu",
-        "--log-every", "1", "--sample-every", "0"]
-
-
-def run(script, folder, *extra):
-    """Train in-process (the datasets stay cached between tests) with every output under folder."""
-    script.main(TINY + ["--ckpt-dir", f"{folder}/ckpt", "--sample-dir", f"{folder}/samples",
-                        "--log-dir", f"{folder}/runs", *extra])
-    return folder / "ckpt"
-
-
-def tensors_equal(a, b, path="checkpoint"):
-    """Every tensor and value of two nested checkpoint dicts, compared exactly."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            tensors_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
-            tensors_equal(u, v, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    else:
-        assert a == b, f"{path}: {a} != {b}"
+from conftest import ROOT, TINY, run, tensors_equal
 
 
 @pytest.mark.parametrize("script, name, extra, size, channels", [
@@ -87,6 +65,19 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def test_resume_uses_the_ema_flags_it_prints(data_dir, tmp_path, capsys):
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "1", "--ema-decay", "0.999", "--ema-warmup")
+    first = torch.load(ckpt_dir / "mnist.pt", weights_only=True)
+    assert set(first["ema"]) == {"shadow", "num_updates"}            # only what changes
+    run(train_mnist, tmp_path, "--steps", "2", "--resume", "--ema-decay", "0.5", "--no-ema-warmup")
+    assert "--ema-decay changes from 0.999 to 0.5" in capsys.readouterr().out
+    second = torch.load(ckpt_dir / "mnist.pt", weights_only=True)
+    assert second["config"]["train"]["ema_decay"] == 0.5 and second["config"]["train"]["ema_warmup"] is False
+    name = "conv_in.weight"                                          # θ_ema ← 0.5·θ_ema + 0.5·θ, no warmup
+    expected = 0.5 * first["ema"]["shadow"][name] + 0.5 * second["model"][name]
+    assert torch.allclose(second["ema"]["shadow"][name], expected, atol=1e-6)
+
+
 def lrs(folder, name="mnist"):
     rows = (folder / "runs" / name / "log.csv").read_text().splitlines()
     column = rows[0].split(",").index("lr")
@@ -108,8 +99,8 @@ def test_lr_schedule_decays_over_the_steps_and_a_resume_goes_on_from_where_it_st
     ("constant", 0.7, 1.0), ("linear", 0.25, 0.75), ("cosine", 0.5, 0.5), ("cosine", 1.0, 0.0)])
 def test_learning_rate_schedules(schedule, progress, factor):
     args, _ = trainer.parse_args(train_mnist.DEFAULTS, ["--lr", "2e-3", "--warmup-steps", "10", "--lr-schedule", schedule])
-    assert trainer.learning_rate(args, 99, progress) == pytest.approx(2e-3 * factor, abs=1e-12)
-    assert trainer.learning_rate(args, 4, progress) == pytest.approx(2e-3 * factor * 0.5, abs=1e-12)   # warmup
+    assert budget.learning_rate(args, 99, progress) == pytest.approx(2e-3 * factor, abs=1e-12)
+    assert budget.learning_rate(args, 4, progress) == pytest.approx(2e-3 * factor * 0.5, abs=1e-12)   # warmup
 
 
 def test_a_nan_loss_skips_the_step_and_leaves_the_weights_finite(data_dir, tmp_path):
@@ -149,6 +140,7 @@ def test_presets_and_flags_override_script_defaults():
     assert args.attn_resolutions == [] and args.run_name == "celeba"
 
 
+@pytest.mark.slow                                   # two processes that each start up and load MNIST
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_torchrun_two_processes_keep_identical_replicas_and_write_once(data_dir, tmp_path):
     cmd = ["torchrun", "--nproc_per_node=2", "--standalone", "train_mnist.py", *TINY, "--steps", "3",
@@ -160,15 +152,14 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_once(data_dir,
     assert "× 2 processes (DDP)" in result.stdout
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     tensors_equal(r0, r1, "rank0 vs rank1")
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["mnist.pt", "mnist_ema.pt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["mnist.lock", "mnist.pt", "mnist_ema.pt"]   # rank 0 only
+    assert (tmp_path / "ckpt" / "mnist.lock").read_text() == ""                                # released
     ckpt = torch.load(tmp_path / "ckpt" / "mnist.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng_ranks"]) == 2
     tensors_equal(ckpt["model"], r0["model"], "saved vs rank0")
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypatch):
-    import signal
-
     from diffusion import GaussianDiffusion
     calls = []
     loss = GaussianDiffusion.loss
@@ -186,9 +177,35 @@ def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is handler    # the trainer's handler is gone again
 
 
+def test_second_signal_is_left_to_the_system(data_dir, tmp_path, monkeypatch):
+    from diffusion import GaussianDiffusion
+    seen = []
+    loss = GaussianDiffusion.loss
+
+    def loss_then_sigterm(self, *args, **kwargs):
+        if not seen:
+            signal.raise_signal(signal.SIGTERM)
+            seen.append(signal.getsignal(signal.SIGTERM))      # what a second SIGTERM would meet
+            seen.append(signal.getsignal(signal.SIGINT))
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss_then_sigterm)
+    run(train_mnist, tmp_path, "--steps", "5")
+    assert seen == [signal.SIG_DFL, signal.SIG_DFL]     # ends the process at once, even inside a C call
+
+
 def test_max_minutes_stops_cleanly_and_saves(data_dir, tmp_path):
     ckpt_dir = run(train_mnist, tmp_path, "--steps", "10", "--max-minutes", "0.0001")
     assert torch.load(ckpt_dir / "mnist.pt", weights_only=True)["step"] == 1
+
+
+def test_max_minutes_covers_the_end_of_the_run(data_dir, tmp_path, capsys):
+    run(train_mnist, tmp_path, "--steps", "100000", "--max-minutes", "0.05", "--sample-every", "1000",
+        "--sample-steps", "50")
+    out = capsys.readouterr().out
+    assert "no end-of-run grid" in out or "samples in" in out
+    match = re.search(r"after ([0-9.]+) min", out)
+    assert match and float(match.group(1)) <= 0.05 + 0.02
 
 
 def test_eval_hook_logs_proxy_metrics_without_touching_the_training_rng(data_dir, tmp_path, monkeypatch):
@@ -200,7 +217,7 @@ def test_eval_hook_logs_proxy_metrics_without_touching_the_training_rng(data_dir
         torch.randn(100)                                  # draws from the global RNG, as sampling does
         return {"proxy_fid": 12.5, "confident": 0.75, "coverage": None, "sampler": "ddim"}
 
-    monkeypatch.setitem(sys.modules, "fid", types.SimpleNamespace(proxy_metrics=proxy_metrics))
+    monkeypatch.setitem(sys.modules, "metrics", types.SimpleNamespace(proxy_metrics=proxy_metrics))
     with_eval = run(train_mnist, tmp_path / "eval", "--steps", "2", "--eval-every", "1", "--eval-samples", "7")
     without = run(train_mnist, tmp_path / "plain", "--steps", "2")
     assert calls == [("mnist", 7, str(with_eval))] * 2

@@ -1,0 +1,103 @@
+"""A run's budget and where it stands: the sitting's clock (--max-minutes), the learning rate over
+the run's progress (--lr-schedule), and before the first step the run's size and projected time.
+
+A run's budget is --steps, --max-pflop (training FLOPs = 3 × forward FLOPs per image × images seen)
+or --budget-minutes, whichever ends it first, over all its sittings; --max-minutes ends a sitting.
+"""
+
+import copy
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from device import synchronize
+
+
+class Budget:
+    """--max-minutes as a deadline for this sitting (start-up and the end included), and the
+    progress bar's total: seconds of the budget when there is one, else steps."""
+
+    def __init__(self, max_minutes, t_start):
+        self.seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.t_start = t_start
+
+    def elapsed(self):
+        return time.time() - self.t_start
+
+    def left(self):
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
+
+    def time_used(self):
+        """The share of --max-minutes used so far, in [0, 1]; 0 without a budget."""
+        return 0.0 if self.seconds is None else min(1.0, self.elapsed() / self.seconds)
+
+    def bar(self, steps, step, run_name, disable):
+        if self.seconds is None:
+            return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)
+        return tqdm(total=round(self.seconds), initial=round(self.elapsed()), unit="s", disable=disable,
+                    dynamic_ncols=True, desc=f"{run_name} (--max-minutes)",
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+
+    def advance(self, pbar, step):
+        """Move the bar one step, or to the seconds used so far."""
+        if self.seconds is None:
+            pbar.update(1)
+        else:
+            pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
+
+
+def learning_rate(args, step, progress):
+    """Peak --lr after a linear warmup of --warmup-steps, times --lr-schedule at progress ∈ [0, 1]:
+    constant (DDPM), linear to 0 (the best schedule for a fixed budget in Li et al. 2020,
+    "Budgeted training") or cosine to 0 (Loshchilov & Hutter 2017)."""
+    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    decay = {"constant": 1.0, "linear": 1.0 - progress,
+             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[args.lr_schedule]
+    return args.lr * warmup * decay
+
+
+def probe_inputs(config, device, n=1):
+    """(x_t, t, labels) of n blank images shaped as config's model takes them: to count or time it."""
+    m = config["model"]
+    x = torch.zeros(n, m["in_channels"], m["image_size"], m["image_size"], device=device)
+    t = torch.zeros(n, dtype=torch.long, device=device)
+    return x, t, (t if m["num_classes"] else None)
+
+
+def seconds_per_training_image(run, n=8):
+    """One training step's seconds per image on this device, measured on a copy of the model (the
+    second of two steps of n blank images), so the run's weights and random streams stay untouched."""
+    model = copy.deepcopy(run.model).train()
+    x, t, labels = probe_inputs(run.config, run.device, n)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for _ in range(2):
+            synchronize(run.device)
+            t0 = time.perf_counter()
+            with run.amp:
+                out = model(x, t, labels)
+            out.float().square().mean().backward()
+            synchronize(run.device)
+            seconds = time.perf_counter() - t0
+    return seconds / n
+
+
+def project(run, say, cpu_recipe=None):
+    """Before the first step: what is left of the configured run (images, PFLOP) and its projected
+    time on this device, from a measured step; on a CPU, the CPU recipe when one exists and is off."""
+    args = run.args
+    images = (args.steps - run.step) * args.batch_size
+    if args.max_pflop:
+        images = min(images, math.ceil((1e15 * args.max_pflop - run.train_flops) / (3 * run.flops_per_image)))
+    per_image = seconds_per_training_image(run) / run.world
+    if args.budget_minutes:
+        images = min(images, math.ceil((60 * args.budget_minutes - run.train_seconds) / per_image))
+    seconds = images * per_image
+    pflop = 3 * run.flops_per_image * images / 1e15
+    sitting = f"; this sitting stops after --max-minutes {args.max_minutes:g}" if args.max_minutes else ""
+    say(f"=== {run.flops_per_image / 1e9:.2f} GFLOP per image forward; the run "
+        f"{'has left' if run.step else 'is'} {images:,} images ≈ {pflop:.3g} PFLOP ≈ "
+        f"{seconds / 3600:.1f} h on {run.device} at the measured {1 / per_image:.0f} img/s{sitting}")
+    if run.device.type == "cpu" and cpu_recipe:
+        say(f"=== on a CPU: the CPU recipe is {cpu_recipe}")

@@ -1,0 +1,96 @@
+"""Where the work runs: the device choice every script shares, bf16 where it is fast, CUDA's speed
+settings, DDP's set-up (torchrun sets RANK) and the few collectives the trainer needs, the RNG
+states a checkpoint stores, and the device sync that honest timings need.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def pick_device(name="auto"):
+    """"auto" -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device mps: Apple MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def bf16_fast(device):
+    """Whether bf16 autocast speeds the network up here: CUDA cards with bf16, and CPUs with native
+    bf16 instructions (AVX512-BF16 or AMX). Elsewhere bf16 is emulated, and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast where bf16_fast(device), else a no-op. The weights, the optimiser and the
+    diffusion arithmetic stay float32; only the network's convolutions and matmuls run in bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_fast(device))
+
+
+def setup_distributed(args):
+    """-> (device, rank, world_size). DDP only when torchrun has set RANK."""
+    if "RANK" not in os.environ:
+        return pick_device(args.device), 0, 1
+    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def rank_max(values, device, world):
+    """The element-wise maximum of a list of floats over all ranks (one all-reduce), so that every
+    rank takes the same decision: when to stop, which learning rate."""
+    if world == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state      # numpy / python `random` are not used by training (the data order is stateless)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def synchronize(device):
+    """Wait for the device's queued work (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def cuda_fast_settings(model=None):
+    """TF32 matmuls and convolutions, cuDNN's autotuner, and channels_last weights (when a model is
+    given): the speed settings of training and benchmarking on CUDA. Call only on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    if model is not None:
+        model.to(memory_format=torch.channels_last)

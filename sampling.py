@@ -1,0 +1,258 @@
+"""Sampling a checkpoint, as every script does it: the default fast sampler, the one check of the
+sampling settings against a model, the command-line flags, and batched sampling to uint8 images.
+
+    DEFAULT_SAMPLER, DEFAULT_STEPS          the fast default of generate.py, the demo, fid.py, the trainer
+    resolve_sampling(diffusion, config, …)  -> (steps, labels, class) or SamplingError
+    sample_images(diffusion, n, …)          -> (N, H, W, C) uint8, the same for the same seed on every device
+    build_parser / sample_from_args / write_outputs    generate.py's and generate_cifar.py's command line
+
+The same --seed gives the same images on every device: the noise comes from a CPU torch.Generator
+(for the same --n and --batch-size). A conditional model without --class samples the classes in
+turn (image i has class i mod K), so a grid with K columns shows one class per column.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from checkpoint import CheckpointError, load_for_sampling
+from data import default_class_names
+from device import pick_device, synchronize
+from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from images import save_gif, save_grid, save_npz, save_pngs, to_uint8
+
+
+def classes_in_turn(n, num_classes):
+    """(n,) labels 0, 1, …, K−1, 0, 1, …: image i has class i mod K, so a K-column grid shows one
+    class per column and n = m·K images hold m of each."""
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def sample_images(diffusion, n, *, batch_size=256, seed=0, labels=None, progress=True, trajectory_every=None,
+                  **settings):
+    """Draw n images batch by batch -> (N, H, W, C) uint8 numpy (and the first batch's trajectory
+    if trajectory_every is set). labels: (n,) int tensor or None; settings: sampler, steps, eta,
+    guidance (GaussianDiffusion.sample_iter's keywords). All noise comes from one CPU generator
+    seeded with `seed`, so the images do not depend on the device."""
+    generator = torch.Generator().manual_seed(seed)
+    device = diffusion.betas.device
+    images, trajectory = [], None
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        y = labels[start:start + b].to(device) if labels is not None else None
+        every = trajectory_every if trajectory is None else None
+        out = diffusion.sample(b, labels=y, generator=generator, progress=progress, trajectory_every=every,
+                               **settings)
+        x, trajectory = out if every else (out, trajectory)
+        images.append(to_uint8(x))
+        if progress and n > batch_size:
+            print(f"  {start + b}/{n} images")
+    images = np.concatenate(images)
+    return (images, trajectory) if trajectory_every else images
+
+
+class SamplingError(ValueError):
+    """Sampling settings a model cannot take; .setting names which one ("steps", "class", …)."""
+
+    def __init__(self, setting, message):
+        super().__init__(message)
+        self.setting = setting
+
+
+def resolve_class(value, num_classes, class_names=None):
+    """A class as a name ("cat") or an index ("3", 3) -> int, or SamplingError listing the choices."""
+    names = default_class_names(num_classes, class_names)
+    if str(value) in names:
+        return names.index(str(value))
+    if str(value).lstrip("-").isdigit() and 0 <= int(value) < num_classes:
+        return int(value)
+    raise SamplingError("class", f"unknown class {value!r}; this model knows {num_classes} classes: "
+                        + ", ".join(f"{i}={name}" for i, name in enumerate(names)))
+
+
+def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guidance=0.0, clamp=False):
+    """The one check of the sampling settings against a model, for generate.py, fid.py and app.py.
+
+    -> (steps the sampler will take, labels (n,) or None, class index or None). class_ None means
+    the classes in turn on a conditional model. Raises SamplingError saying what was wrong and
+    what to do; the scripts turn it into one line (SystemExit, gr.Error)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SamplingError("n", f"the number of images must be a whole number ≥ 1, got {n!r}")
+    try:
+        steps = len(diffusion.sampling_timesteps(sampler, steps, clamp=clamp))
+    except ValueError as e:
+        raise SamplingError("sampler" if sampler not in SAMPLERS else "steps", str(e)) from None
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise SamplingError("guidance", f"the guidance weight w must be a number ≥ 0 (0 = none), got {guidance!r}")
+    num_classes = config["model"].get("num_classes")
+    if num_classes is None:
+        if class_ is not None or guidance:
+            setting = "class" if class_ is not None else "guidance"
+            raise SamplingError(setting, "only for class-conditional models, but this checkpoint is "
+                                "unconditional (config model.num_classes is None); leave it out")
+        return steps, None, None
+    if class_ is None:
+        return steps, classes_in_turn(n, num_classes), None
+    c = resolve_class(class_, num_classes, config.get("data", {}).get("class_names"))
+    return steps, torch.full((n,), c, dtype=torch.long), c
+
+
+def open_checkpoint(path, device, amp=True):
+    """load_for_sampling, with every CheckpointError turned into a one-line exit message."""
+    try:
+        return load_for_sampling(path, device, amp)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+
+
+def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
+    """The flags that say how to sample a checkpoint; generate.py, generate_cifar.py and fid.py share them.
+    steps: the default --steps (None: all T for ddpm, 50 for the others)."""
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="ddpm: DDPM Algorithm 2 (ancestral; respaced below T steps); ddim: DDIM eq. 12; edm: EDM "
+                        "Alg. 2 (stochastic Heun with churn); dpmpp2m: DPM-Solver++(2M), an ODE solver "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network calls per image, 1 … T; T with ddpm is Algorithm 2's full chain (default: "
+                        + (f"{steps}, at most T)" if steps else "all T for ddpm, 50 for the others)"))
+    p.set_defaults(default_steps=steps)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
+    p.add_argument("--churn", type=float, default=None,
+                   help=f"edm: S_churn, the noise added back per step (0 = deterministic Heun; default: {CHURN:g})")
+    p.add_argument("--n", type=int, default=n, help="number of images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: 0)")
+    p.add_argument("--class", dest="class_", metavar="CLASS", default=None,
+                   help="conditional models: a class name or index for every image (default: classes in turn)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w: (1+w)·cond − w·uncond (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the network in bf16 where that is fast: CUDA, and CPUs with AVX512-BF16 or AMX "
+                        "(--no-amp: float32; default: on)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp each step's x̂_0 to [−1, 1] (DDPM's code; --no-clip-denoised: the equations as "
+                        "written; default: the checkpoint's, off for train_mnist.py's models)")
+    return p
+
+
+def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
+                 grid="samples/<run>_<sampler><steps>.png", steps=DEFAULT_STEPS):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
+    add_sampling_args(p, n, steps)
+    p.add_argument("--grid", default=None, help=f"grid PNG (default: {grid})")
+    p.add_argument("--no-grid", action="store_true", help="do not write a grid")
+    p.add_argument("--ncol", type=int, default=None, help="grid columns (default: K classes, else √n)")
+    p.add_argument("--out", default=None, help="folder for one PNG per image (00000.png, …)")
+    p.add_argument("--npz", default=None, help=".npz with uint8 images N×H×W×C under key 'images' (for fid.py)")
+    p.add_argument("--gif", default=None, help="animated GIF of the first batch's trajectory (x_t | x̂_0)")
+    p.add_argument("--gif-frames", type=int, default=50, help="about this many GIF frames (default: %(default)s)")
+    return p
+
+
+def sample_from_args(args):
+    """Open args.ckpt, check the sampling flags and sample -> (images uint8 N×H×W×C, labels or None,
+    resolved settings, config, trajectory or None). Used by generate.py and by fid.py --ckpt."""
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be at least 1")
+    if args.churn is not None and (args.sampler != "edm" or args.churn < 0):
+        raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
+    device = pick_device(args.device)
+    diffusion, config = open_checkpoint(args.ckpt, device, args.amp)
+    requested = args.steps if args.steps is not None else getattr(args, "default_steps", None)
+    try:
+        steps, labels, _ = resolve_sampling(diffusion, config, sampler=args.sampler, steps=requested, n=args.n,
+                                            class_=args.class_, guidance=args.guidance, clamp=args.steps is None)
+    except SamplingError as e:
+        raise SystemExit(f"error: --{e.setting}: {e}") from None
+    dataset = config.get("dataset", "model")
+    run_name = config.get("train", {}).get("run_name") or dataset      # the name the trainer gave its files
+    names = config.get("data", {}).get("class_names")
+    label_desc = "unconditional"
+    if labels is not None:
+        label_desc = (f"class {names[labels[0]] if names else int(labels[0])} for all" if args.class_ is not None
+                      else "classes in turn (i mod K)")
+    resolved = {"ckpt": args.ckpt, "run": run_name, "dataset": dataset, "image": f"{diffusion.image_size}×{diffusion.image_size}×{diffusion.channels}",
+                "T": diffusion.num_timesteps, "schedule": diffusion.schedule, "objective": diffusion.objective,
+                "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
+                "churn": (CHURN if args.churn is None else args.churn) if args.sampler == "edm" else None,
+                "labels": label_desc, "guidance": args.guidance if labels is not None else None,
+                "clip_denoised": diffusion.clips(args.clip_denoised), "n": args.n, "batch_size": args.batch_size,
+                "seed": args.seed, "device": str(device),
+                "precision": "bf16 autocast" if diffusion.amp else "float32"}
+    print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
+    describe_training(diffusion, config)
+    calls = steps * (2 if args.guidance and labels is not None else 1)
+    print(f"about {estimate_seconds(diffusion, min(args.batch_size, args.n), args.n, calls):.0f} s to sample "
+          f"{args.n} images ({steps} steps{', guidance: 2 network calls each' if calls > steps else ''}; "
+          f"measured here on one call)")
+    trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
+    t0 = time.perf_counter()
+    extra = {"churn": args.churn} if args.sampler == "edm" and args.churn is not None else {}
+    out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels, **extra,
+                        guidance=args.guidance, clip_denoised=args.clip_denoised, batch_size=args.batch_size,
+                        seed=args.seed, trajectory_every=trajectory_every)
+    synchronize(device)
+    resolved["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"sampled {args.n} images in {resolved['seconds']} s ({args.n / max(resolved['seconds'], 1e-9):.1f} img/s)")
+    images, trajectory = out if trajectory_every else (out, None)
+    return images, labels, resolved, config, trajectory
+
+
+def describe_training(diffusion, config):
+    """One line: what the model has seen (steps, images, PFLOP, hours); a warning if under one epoch."""
+    seen = getattr(diffusion, "trained", None) or {}
+    if seen.get("step") is None:
+        return
+    images, flops, hours = seen.get("images_seen"), seen.get("train_flops"), (seen.get("train_seconds") or 0) / 3600
+    print(f"checkpoint: trained {seen['step']:,} steps" + (f", {images:,} images" if images else "")
+          + (f", {flops / 1e15:.3g} PFLOP" if flops else "") + (f", {hours:.2f} h" if hours else ""))
+    n_data = config.get("data", {}).get("num_images")
+    if images is not None and n_data and images < n_data:
+        print(f"warning: this model has seen {images:,} images, less than one pass over its {n_data:,} training "
+              "images: expect its samples to be mostly noise")
+
+
+@torch.no_grad()
+def estimate_seconds(diffusion, batch, n, calls):
+    """Seconds to sample n images at `calls` network calls each, from one timed call at this batch size."""
+    device = diffusion.betas.device
+    x = torch.zeros(batch, diffusion.channels, diffusion.image_size, diffusion.image_size, device=device)
+    t = torch.full((batch,), diffusion.num_timesteps - 1, dtype=torch.long, device=device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    diffusion.network(x, t)
+    synchronize(device)
+    return (time.perf_counter() - t0) * calls * math.ceil(n / batch)
+
+
+def write_outputs(args, images, labels, resolved, config, trajectory=None, grid=True):
+    """Write what the flags ask for: the grid (unless --no-grid or grid=False), PNGs, .npz, GIF."""
+    dataset, steps = resolved["dataset"], resolved["steps"]
+    name = resolved["run"]
+    num_classes = config["model"].get("num_classes")
+    ncol = args.ncol or (num_classes if labels is not None and args.class_ is None and args.n >= num_classes else None)
+    if grid and not args.no_grid:
+        path = args.grid or os.path.join("samples", f"{name}_{args.sampler}{steps}.png")
+        save_grid(images[:256], path, ncol)
+        print(f"wrote grid {path} ({min(args.n, 256)} images)")
+    if args.out:
+        save_pngs(images, args.out)
+        print(f"wrote {len(images)} PNGs to {args.out}/")
+    if args.npz:
+        save_npz(images, args.npz, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64),
+                 dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta, guidance=args.guidance,
+                 seed=args.seed, ckpt=os.path.basename(args.ckpt))
+        print(f"wrote {args.npz}: images {images.shape} uint8")
+    if args.gif:
+        save_gif(trajectory, args.gif, ncol)
+        print(f"wrote {args.gif} ({len(trajectory)} frames)")
