@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError
-from data import dataset_slug, load_image_folder, load_npz
+from data import dataset_slug, load_image_folder, load_npz, load_split
 from device import pick_device
 from inception import Inception, InceptionError, get_inception
-from metrics import PROXY_LABEL, reference_stats, score
+from images import save_grid
+from metrics import PROXY_LABEL, copy_check, reference_stats, score
 from proxy import ProxyError, get_proxy, train_proxy
 from sampling import add_sampling_args, sample_from_args
 
@@ -84,6 +85,9 @@ def main(argv=None):
                                                                   "15 for cifar10, else 10)")
     p.add_argument("--proxy-limit", type=int, default=None, help="--train-proxy: use only this many training images")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    p.add_argument("--copy-check", metavar="PNG", default=None,
+                   help="also measure memorisation: each sample's nearest training image by pixel L2, against "
+                        "the held-out (test) split's; writes the 8 closest sample | training pairs to PNG")
     g = p.add_argument_group("--ckpt: how to sample (generate.py's flags)")
     add_sampling_args(g, n=10000)
     args = p.parse_args(argv)
@@ -91,6 +95,24 @@ def main(argv=None):
         return _main(args, p)
     except (InceptionError, ProxyError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def copies(images, dataset, args, pairs=8):
+    """The copy check (metrics.copy_check) against the training split, with the test split held out."""
+    train, _, _ = load_split(dataset, args.data_dir, images.shape[-1], "train")
+    held, _, _ = load_split(dataset, args.data_dir, images.shape[-1], "test")
+    if held.shape == train.shape and torch.equal(held, train):
+        raise ValueError(f"--copy-check needs a held-out split, and {dataset} has one split only; use a named "
+                         "dataset (faces holds out its last 300, cifar10 and mnist have test sets)")
+    c = copy_check(images, train, held)
+    print(f"near-copies of training images: {c['near_copy_share']:.2%} of {len(images)} samples are closer to "
+          f"one than 99% of the {len(held)} held-out images are (pixel RMS < {c['threshold']:.1f}/255); median "
+          f"nearest distance: samples {c['sample_median']:.1f}, held-out {c['held_out_median']:.1f}")
+    closest = c["distances"].argsort()[:pairs]
+    cells = torch.stack([t for i in closest for t in (images[i], train[c["nearest"][i]])])   # sample, its nearest
+    save_grid(cells.permute(0, 2, 3, 1).numpy(), args.copy_check, ncol=2)
+    print(f"wrote {args.copy_check}: the {pairs} samples closest to a training image (left) beside it (right)")
+    return {k: c[k] for k in ("threshold", "near_copy_share", "sample_median", "held_out_median")}
 
 
 def _main(args, parser):
@@ -146,6 +168,8 @@ def _main(args, parser):
               "sampler": meta.get("sampler"), "steps": meta.get("steps"), "dataset": dataset, "split": args.split,
               "n_ref": n_ref, "features": extractor.description, "label": label, "seconds": seconds,
               "sample_seconds": meta.get("sample_seconds")}
+    if args.copy_check:
+        result.update(copies(images, dataset, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -158,3 +158,33 @@ def proxy_metrics(diffusion, config, data_dir=None, num_samples=2000, device=Non
     s = score(proxy, torch.from_numpy(images).permute(0, 3, 1, 2), ref)
     return {"proxy_fid": s["fd"], "confident": s["confident"], "coverage": s["coverage"],
             "n": num_samples, "sampler": sampler, "steps": steps}
+
+
+# ----------------------------------------------------------------------------- copies of training images
+
+def nearest_pixel_distances(images, reference, batch_size=500):
+    """For each image, the pixel L2 distance (RMS over pixels, in [0, 255] units) to its nearest
+    reference image, and that image's index. uint8 (N, C, H, W) and (M, C, H, W) -> ((N,), (N,))."""
+    ref = reference.reshape(len(reference), -1).double()                          # (M, D)
+    ref_sq = (ref ** 2).sum(1)                                                    # ‖r‖²
+    dists, index = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].reshape(-1, ref.shape[1]).double()
+        d2 = (x ** 2).sum(1, keepdim=True) + ref_sq[None] - 2 * x @ ref.T         # ‖x − r‖², (b, M)
+        best, where = d2.clamp(min=0).min(1)
+        dists.append((best / ref.shape[1]).sqrt())
+        index.append(where)
+    return torch.cat(dists), torch.cat(index)
+
+
+def copy_check(samples, train, held_out, quantile=0.01):
+    """Memorisation: how close samples come to the training images, against how close images the
+    model never saw (held_out) come. A sample is a near-copy when it is closer to its nearest training
+    image than all but `quantile` of the held-out images are to theirs.
+    -> {"threshold", "near_copy_share", "sample_median", "held_out_median", "distances", "nearest"}."""
+    d_samples, nearest = nearest_pixel_distances(samples, train)
+    d_held, _ = nearest_pixel_distances(held_out, train)
+    threshold = torch.quantile(d_held, quantile).item()
+    return {"threshold": threshold, "near_copy_share": (d_samples < threshold).double().mean().item(),
+            "sample_median": d_samples.median().item(), "held_out_median": d_held.median().item(),
+            "distances": d_samples, "nearest": nearest}

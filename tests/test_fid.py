@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image
 
 import fid
 import metrics
@@ -116,3 +117,33 @@ def test_missing_inception_weights_say_what_to_do(tmp_path, monkeypatch):
     assert "--get-inception" in str(e.value) and "--proxy" in str(e.value)
 
 
+
+
+def test_nearest_pixel_distance_is_the_brute_force_rms_and_copies_are_caught():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 3, 4, 4), generator=g, dtype=torch.uint8)
+    held = torch.randint(0, 256, (30, 3, 4, 4), generator=g, dtype=torch.uint8)
+    d, idx = metrics.nearest_pixel_distances(held, train, batch_size=7)
+    brute = ((held[:, None].double() - train[None].double()) ** 2).flatten(2).mean(2).sqrt()     # (30, 40)
+    assert torch.allclose(d, brute.min(1).values) and torch.equal(idx, brute.argmin(1))
+    fresh = torch.randint(0, 256, (15, 3, 4, 4), generator=g, dtype=torch.uint8)
+    copies = torch.cat([train[:5], fresh])                      # 5 exact copies among 20 samples
+    c = metrics.copy_check(copies, train, held)
+    assert c["near_copy_share"] == 0.25 and c["threshold"] > 0
+    assert metrics.copy_check(held, train, held)["near_copy_share"] <= 0.05    # unseen images are not copies
+
+
+def test_copy_check_writes_the_closest_pairs_and_finds_a_planted_copy(tmp_path, capsys):
+    import types
+    faces = np.random.RandomState(1).randint(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "faces64.npz", images=faces, celeba_id=np.arange(8) + 1)     # 4 train, 4 held out
+    planted = torch.from_numpy(faces[:2].copy()).permute(0, 3, 1, 2)                  # two training faces
+    fresh = torch.from_numpy(np.random.RandomState(2).randint(0, 256, (6, 3, 16, 16), dtype=np.uint8))
+    args = types.SimpleNamespace(data_dir=str(tmp_path), copy_check=str(tmp_path / "pairs.png"))
+    result = fid.copies(torch.cat([planted, fresh]), "faces", args, pairs=2)
+    out = capsys.readouterr().out
+    assert result["near_copy_share"] >= 2 / 8 and "% of 8 samples are closer" in out       # both copies caught
+    assert result["sample_median"] > 0 and result["threshold"] > 0
+    assert Image.open(tmp_path / "pairs.png").size == (2 * 16 + 6, 2 * 16 + 6)         # 2 pairs, side by side
+    with pytest.raises(ValueError, match="held-out"):
+        fid.copies(planted, str(tiny_npz(tmp_path / "one_split.npz", 4, 0)), args)
