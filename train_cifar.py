@@ -2,6 +2,9 @@
 
     DDPM_DATA=../shared/data python train_cifar.py                       # the paper's run (one GPU)
     DDPM_DATA=../shared/data torchrun --nproc_per_node=8 train_cifar.py  # the same on 8 GPUs (DDP)
+    DDPM_DATA=../shared/data python train_cifar.py --cpu --ckpt-dir ~/ddpm-cifar --max-minutes 90   # on a CPU: the
+    DDPM_DATA=../shared/data python train_cifar.py --resume --ckpt-dir ~/ddpm-cifar --max-minutes 90  # 5-PFLOP run, a
+                                                                         # sitting at a time (README)
     DDPM_DATA=../shared/data python train_cifar.py --small --max-minutes 60   # a quick, smaller run
     python train_cifar.py --resume                                       # continue after a stop
 
@@ -31,7 +34,7 @@ CPU = dict(base_channels=32, channel_mults=[1, 2, 4, 4], num_res_blocks=1, attn_
 PRESETS = {
     "cpu": (CPU, "the CPU recipe: a 4.2M-parameter, 0.81-GFLOP class-conditional v-model (base 32, mults "
                  "1,2,4,4), EDM's log-normal noise levels, lr 1e-3 decayed to 0 over a 5-PFLOP budget (about "
-                 "6 h of a 2-core CPU, in as many sittings as you like: --max-minutes, then --resume)"),
+                 "6.5 h of a 2-core CPU, in as many sittings as you like: --max-minutes, then --resume)"),
     "small": (dict(base_channels=64, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16],
                    dropout=0.1, lr=5e-4, warmup_steps=500, ema_decay=0.999, ema_warmup=True,
                    steps=50_000, log_every=50, sample_every=2000, save_every=2000),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import inception
 from inception import InceptionError
 
@@ -24,8 +25,10 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DDPM_CACHE", raising=False)
     assert inception.inception_cache_dir() == tmp_path / "home" / ".cache" / "ddpm" / "inception"
-    monkeypatch.setenv("DDPM_CACHE", "off")                  # the data cache off: weights still need a home
-    assert inception.inception_cache_dir() == tmp_path / "home" / ".cache" / "ddpm" / "inception"
+    for off in ("off", "0", "none", "OFF"):                  # the data cache off: weights still need a home
+        monkeypatch.setenv("DDPM_CACHE", off)
+        assert inception.inception_cache_dir() == tmp_path / "home" / ".cache" / "ddpm" / "inception"
+        assert checkpoint.cache_dir() is None                # the same words turn the data cache off (not ./0/)
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "c"))
     assert inception.inception_cache_dir() == tmp_path / "c" / "inception"
     assert inception.inception_cache_dir(tmp_path / "x") == tmp_path / "x"
