@@ -48,6 +48,32 @@ class Budget:
             pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
 
 
+def progress_now(run, progress_before, time_used, train_seconds):
+    """The share of a run's budget used, in [0, 1]: the largest of step/--steps, --max-pflop
+    and --budget-minutes used. Without either of those two, --max-minutes is the run's budget
+    (a resumed run goes on from progress_before and reaches 1 at this sitting's end)."""
+    args = run.args
+    shares = [run.step / args.steps]
+    if args.max_pflop:
+        shares.append(run.train_flops / (1e15 * args.max_pflop))
+    if args.budget_minutes:
+        shares.append(train_seconds / (60 * args.budget_minutes))
+    if not (args.max_pflop or args.budget_minutes):
+        shares.append(progress_before + (1 - progress_before) * time_used)
+    return min(1.0, max(shares))
+
+def budget_reached(run, train_seconds):
+    """Why the run's budget is spent (a line for the log), or None."""
+    args = run.args
+    if run.step >= args.steps:
+        return f"reached --steps {args.steps}"
+    if args.max_pflop and run.train_flops >= 1e15 * args.max_pflop:
+        return f"reached --max-pflop {args.max_pflop:g}"
+    if args.budget_minutes and train_seconds >= 60 * args.budget_minutes:
+        return f"reached --budget-minutes {args.budget_minutes:g}"
+    return None
+
+
 def learning_rate(args, step, progress):
     """Peak --lr after a linear warmup of --warmup-steps, times --lr-schedule at progress ∈ [0, 1]:
     constant (DDPM), linear to 0 (the best schedule for a fixed budget in Li et al. 2020,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import data
 from checkpoint import CheckpointError, RunLock, check_writable, load_checkpoint, make_config, save_run
-from budget import Budget, learning_rate, probe_inputs, project
+from budget import Budget, budget_reached, learning_rate, probe_inputs, progress_now, project
 from device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
 from diffusion import GaussianDiffusion
 from ema import EMA
@@ -62,7 +62,7 @@ class Run:
         self.step, self.nan_skipped, self.nan_streak, self.train_seconds = 0, 0, 0, 0.0
         self.images_seen = 0    # over all sittings; training FLOPs = 3 × flops_per_image × images_seen
         self.flops_per_image = forward_flops(model, *probe_inputs(config, device))    # one forward pass
-        self.progress = 0.0     # of the run's budget, in [0, 1] (progress_now)
+        self.progress = 0.0     # of the run's budget, in [0, 1] (budget.progress_now)
         self.seconds_per_image_step = None      # one network call per image, measured while training
         self.runlog = None
         self.postfix = {}                       # the progress bar's loss, img/s and lr of the last log row
@@ -77,31 +77,6 @@ class Run:
     @property
     def train_flops(self):
         return 3 * self.flops_per_image * self.images_seen        # forward + backward ≈ 3 forwards
-
-    def progress_now(self, progress_before, time_used, train_seconds):
-        """The share of the run's budget used, in [0, 1]: the largest of step/--steps, --max-pflop
-        and --budget-minutes used. Without either of those two, --max-minutes is the run's budget
-        (a resumed run goes on from progress_before and reaches 1 at this sitting's end)."""
-        args = self.args
-        shares = [self.step / args.steps]
-        if args.max_pflop:
-            shares.append(self.train_flops / (1e15 * args.max_pflop))
-        if args.budget_minutes:
-            shares.append(train_seconds / (60 * args.budget_minutes))
-        if not (args.max_pflop or args.budget_minutes):
-            shares.append(progress_before + (1 - progress_before) * time_used)
-        return min(1.0, max(shares))
-
-    def budget_reached(self, train_seconds):
-        """Why the run's budget is spent (a line for the log), or None."""
-        args = self.args
-        if self.step >= args.steps:
-            return f"reached --steps {args.steps}"
-        if args.max_pflop and self.train_flops >= 1e15 * args.max_pflop:
-            return f"reached --max-pflop {args.max_pflop:g}"
-        if args.budget_minutes and train_seconds >= 60 * args.budget_minutes:
-            return f"reached --budget-minutes {args.budget_minutes:g}"
-        return None
 
     def apply_step(self, loss, grad_norm):
         """DDPM Alg. 1's gradient step on θ and the EMA update, unless the gradient is not finite."""
@@ -354,7 +329,7 @@ def sitting(args, explicit, cpu_recipe, lock):
     say = print if master else (lambda *a, **k: None)
     say_all = tqdm.write if master else (lambda *a: None)
     run = build_run(args, explicit, device, rank, world, say, lock)
-    done = run.budget_reached(run.train_seconds)
+    done = budget_reached(run, run.train_seconds)
     if done:
         say(f"{run.ckpt_path} has {done} (step {run.step}, {run.train_flops / 1e15:.3g} PFLOP, "
             f"{run.train_seconds / 3600:.2f} h); raise that budget to train on")
@@ -387,7 +362,7 @@ def sitting(args, explicit, cpu_recipe, lock):
     pbar = budget.bar(last_step, run.step, args.run_name, disable=not master)
     t_loop, train_seconds_before = time.time(), run.train_seconds
     meter = {"t": t_loop, "n": 0, "first_step": run.step}
-    # The run's progress drives --lr-schedule (Run.progress_now). Every rank uses the largest clocks
+    # The run's progress drives --lr-schedule (budget.progress_now). Every rank uses the largest clocks
     # of all ranks, so that they all take the same step.
     progress_before = run.progress
     time_used, train_seconds = rank_max([budget.time_used(), run.train_seconds], device, world)
@@ -399,7 +374,7 @@ def sitting(args, explicit, cpu_recipe, lock):
             x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            run.progress = run.progress_now(progress_before, time_used, train_seconds)
+            run.progress = progress_now(run, progress_before, time_used, train_seconds)
             lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
             train_step(run, x0, y, lr)
             if not run.sync_free:
@@ -409,7 +384,7 @@ def sitting(args, explicit, cpu_recipe, lock):
                 pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
             budget.advance(pbar, run.step)
             meter["n"] += 1
-            finished = run.budget_reached(train_seconds)      # the run's last step: the end saves and draws
+            finished = budget_reached(run, train_seconds)      # the run's last step: the end saves and draws
             periodic_jobs(run, meter, lr, finished, say_all)
 
             # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
