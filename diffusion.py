@@ -155,6 +155,9 @@ class GaussianDiffusion(nn.Module):
         # float64 on the CPU: the σ ↔ t lookups are scalar arithmetic on the host, once per network call.
         alpha_bar32 = self.alphas_cumprod.double()
         self.sigma_table = ((1 - alpha_bar32) / alpha_bar32).sqrt()                  # (T,) increasing in t
+        # The same table as a float64 buffer that moves with the model: training's log-normal t draws
+        # look it up on the device, with no host-to-device copy per step.
+        self.register_buffer("sigma_levels", self.sigma_table.clone(), persistent=False)
 
     # ------------------------------------------------------------------ forward process
 
@@ -261,7 +264,7 @@ class GaussianDiffusion(nn.Module):
         if self.t_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), device=device)
         sigma = (P_MEAN + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)
-        t = torch.searchsorted(self.sigma_table.to(device), sigma)
+        t = torch.searchsorted(self.sigma_levels, sigma)
         return t.clamp(max=self.num_timesteps - 1)
 
     def min_snr_weight(self, t):
