@@ -66,6 +66,8 @@ def main(argv=None):
     src = p.add_argument_group("what to do (one of)")
     src.add_argument("--samples", help="score a folder of images or an .npz with uint8 'images' N×H×W×C "
                                        "(generate.py --npz)")
+    p.add_argument("--first", type=int, default=None, metavar="N",
+                   help="--samples: score only the first N images (to set a score beside a floor measured at n = N)")
     src.add_argument("--ckpt", help="sample this checkpoint now (generate.py's flags below), then score it")
     src.add_argument("--train-proxy", metavar="DATASET", help="only (re)train the proxy network for DATASET and exit")
     src.add_argument("--get-inception", action="store_true",
@@ -127,6 +129,8 @@ def _main(args, parser):
         return None
     if bool(args.samples) == bool(args.ckpt):
         parser.error("give exactly one of --samples (a folder or .npz) or --ckpt (sample a checkpoint now)")
+    if args.first is not None and not args.samples:
+        parser.error("--first is for --samples; with --ckpt, --n says how many images to sample")
 
     if args.ckpt:
         images, _, resolved, config, _ = sample_from_args(args)
@@ -135,6 +139,10 @@ def _main(args, parser):
         meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"]}
     else:
         images, meta = load_samples(args.samples)
+        if args.first is not None:
+            if not 1 <= args.first <= len(images):
+                parser.error(f"--first {args.first}: {args.samples} holds {len(images)} images; give 1 … {len(images)}")
+            images = images[:args.first]
         dataset = args.dataset or meta.get("dataset")
         if not dataset:
             parser.error("--samples needs --dataset (mnist, cifar10, faces, a folder or an .npz) to compare against")

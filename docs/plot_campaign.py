@@ -3,8 +3,9 @@
     python docs/plot_campaign.py docs/results/cifar10_campaign.csv     # -> docs/results/cifar10_campaign.png
 
 The record has one row per sitting (and per scored checkpoint): sitting, steps, images, pflop,
-hours, fid, kid, n, floor, sampler, calls. FID is plotted against PFLOP (bottom axis) with the
-CPU-hours on the top axis, beside the real-vs-real floor at the same n.
+hours, fid, kid, n, floor, sampler, calls, and optionally floor_n (the floor's n, when it is not
+the samples' n: the faces hold out 300) and target (a line to reach). FID is plotted against PFLOP
+(bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor.
 """
 
 import csv
@@ -29,9 +30,11 @@ def plot(path, out=None):
     for r in rows:
         ax.annotate(f"{float(r['fid']):.1f}", (float(r["pflop"]), float(r["fid"])), textcoords="offset points",
                     xytext=(4, 6), fontsize=8)
-    floors = {r["floor"] for r in rows if r.get("floor")}
-    for floor in floors:
-        ax.axhline(float(floor), color="grey", ls="--", lw=1, label=f"real vs real at n = {rows[0]['n']}: {float(floor):.1f}")
+    floors = {(r["floor"], r.get("floor_n") or r["n"]) for r in rows if r.get("floor")}
+    for floor, n in floors:
+        ax.axhline(float(floor), color="grey", ls="--", lw=1, label=f"real vs real at n = {n}: {float(floor):.1f}")
+    for target in {r["target"] for r in rows if r.get("target")}:
+        ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)

@@ -105,6 +105,17 @@ def test_inception_fid_runs_end_to_end_with_stand_in_weights(stand_in_inception,
     with np.load(cached[0]) as d:
         assert d["mu"].shape == (2048,) and d["sigma"].shape == (2048, 2048) and d["features"].shape == (4, 2048)
 
+    # --first N scores the file's first N images only (a score beside a floor measured at that n)
+    with pytest.warns(UserWarning, match="NON-standard"):
+        first = fid.main(argv + ["--first", "3"])
+    assert first["n"] == 3 and "n=3 vs r train" in capsys.readouterr().out
+    assert first["fid"] != result["fid"]
+    for bad in ("0", "5"):
+        with pytest.raises(SystemExit):
+            fid.main(argv + ["--first", bad])
+        err = capsys.readouterr().err
+        assert f"--first {bad}: " in err and "holds 4 images; give 1 … 4" in err
+
 
 def test_missing_inception_weights_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(fid.InceptionError, match="--proxy"):
