@@ -124,8 +124,8 @@ def load_npz(path):
                          f"(or N×H×W for grey) and N, H, W > 0: {hint}")
     images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())       # (N, C, H, W), a copy: the decode stays cached
     labels = None
-    if "labels" in arrays:
-        y = arrays["labels"]
+    if "labels" in arrays and arrays["labels"].size:        # empty: no labels (generate.py --npz of an
+        y = arrays["labels"]                                 # unconditional model wrote one until 2026-11)
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{where}: 'labels' is {y.dtype}; expected integer class indices 0, 1, …: re-save it "
                              "with labels.astype(np.int64), or without labels")

@@ -249,9 +249,9 @@ def write_outputs(args, images, labels, resolved, config, trajectory=None, grid=
         save_pngs(images, args.out)
         print(f"wrote {len(images)} PNGs to {args.out}/")
     if args.npz:
-        save_npz(images, args.npz, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64),
-                 dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta, guidance=args.guidance,
-                 seed=args.seed, ckpt=os.path.basename(args.ckpt))
+        extra = {"labels": labels.numpy()} if labels is not None else {}      # unconditional: no labels key
+        save_npz(images, args.npz, **extra, dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta,
+                 guidance=args.guidance, seed=args.seed, ckpt=os.path.basename(args.ckpt))
         print(f"wrote {args.npz}: images {images.shape} uint8")
     if args.gif:
         save_gif(trajectory, args.gif, ncol)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import generate
 import generate_cifar
 import sampling
@@ -140,6 +141,11 @@ def test_writes_grid_pngs_npz_and_gif(tiny_checkpoint, tmp_path):
         images = d["images"]
         assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
         assert d["sampler"] == "ddim" and int(d["steps"]) == 6
+        assert "labels" not in d.files                                  # unconditional: no labels key
+    loaded, labels, _ = data.load_npz(npz)                              # what fid.py --samples reads
+    assert labels is None and torch.equal(loaded, torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "old.npz", images=images, labels=np.zeros(0, np.int64))   # as generate.py wrote it before
+    assert data.load_npz(tmp_path / "old.npz")[1] is None
     assert np.array_equal(np.asarray(Image.open(out / "00003.png")), images[3, ..., 0])
     with Image.open(gif) as g:
         assert g.n_frames == 6                                          # one frame per DDIM step here
