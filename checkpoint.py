@@ -13,6 +13,7 @@ config = {"dataset": str,
           "train":     the trainer's resolved hyperparameters}
 """
 
+import copy
 import hashlib
 import os
 import pickle
@@ -190,13 +191,20 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
                      "ema_model": {k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()}}, ema_path)
 
 
+LOCAL_PATHS = ("ckpt_dir", "sample_dir", "log_dir", "data_dir", "tensorboard", "debug_dump_dir")
+
+
 def save_pretrained(ckpt, path, quality=None):
     """A shipped model (pretrained/): the EMA weights in half precision, the config, what the model has
     seen (steps, images, PFLOP, hours) and its measured quality, one line such as "FID-10k 30.1
     (ancestral DDPM, 50 steps)". Read back with load_for_sampling, which computes in float32."""
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ema_weights(ckpt).items()}
     keep = ("step", "images_seen", "flops_per_image", "train_flops", "train_seconds")
-    return save_checkpoint({"config": ckpt["config"], "ema_model": weights, "quality": quality,
+    config = copy.deepcopy(ckpt["config"])
+    for key in LOCAL_PATHS:            # the training machine's folders: meaningless in a clone, not shipped
+        if key in config.get("train", {}):
+            config["train"][key] = None
+    return save_checkpoint({"config": config, "ema_model": weights, "quality": quality,
                             **{k: ckpt[k] for k in keep if k in ckpt}}, path)
 
 

@@ -157,9 +157,15 @@ def test_a_shipped_model_is_half_precision_opens_without_training_and_names_its_
     import ship
     from checkpoint import load_for_sampling
     make_checkpoint(tmp_path / "run" / "cifar10_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=3)
+    trained = torch.load(tmp_path / "run" / "cifar10_ema.pt", weights_only=True)
+    trained["config"].setdefault("train", {}).update(ckpt_dir="/home/me/runs", sample_dir="/home/me/s", log_dir="/x",
+                                                     run_name="cifar10")
+    torch.save(trained, tmp_path / "run" / "cifar10_ema.pt")
     shipped = tmp_path / "pretrained" / "cifar10.pt"
     ship.main([str(tmp_path / "run" / "cifar10_ema.pt"), str(shipped), "--quality", "FID-10k 30.1"])
     saved = torch.load(shipped, weights_only=True)
+    assert all(saved["config"]["train"][k] is None for k in ("ckpt_dir", "sample_dir", "log_dir"))   # no local paths
+    assert saved["config"]["train"]["run_name"] == "cifar10"
     assert {v.dtype for v in saved["ema_model"].values() if v.is_floating_point()} == {torch.float16}
     assert saved["quality"] == "FID-10k 30.1" and saved["config"]["model"]["num_classes"] == 3
     diffusion, _ = load_for_sampling(shipped)                                  # computes in float32
