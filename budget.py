@@ -62,6 +62,7 @@ def progress_now(run, progress_before, time_used, train_seconds):
         shares.append(progress_before + (1 - progress_before) * time_used)
     return min(1.0, max(shares))
 
+
 def budget_reached(run, train_seconds):
     """Why the run's budget is spent (a line for the log), or None."""
     args = run.args
