@@ -120,6 +120,8 @@ def project(run, say, cpu_recipe=None):
     per_image = seconds_per_training_image(run) / run.world
     if args.budget_minutes:
         images = min(images, math.ceil((60 * args.budget_minutes - run.train_seconds) / per_image))
+    elif args.max_minutes and not args.max_pflop:           # --max-minutes alone: this sitting is the run
+        images = min(images, math.ceil(60 * args.max_minutes / per_image))
     seconds = images * per_image
     pflop = 3 * run.flops_per_image * images / 1e15
     sitting = f"; this sitting stops after --max-minutes {args.max_minutes:g}" if args.max_minutes else ""

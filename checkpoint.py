@@ -153,7 +153,8 @@ def model_settings(args, channels, image_size, num_classes):
     diffusion = dict(image_size=image_size, channels=channels, timesteps=args.timesteps, schedule=args.schedule,
                      objective=args.objective, variance=args.variance, clip_denoised=args.clip_denoised,
                      cond_drop_prob=args.cond_drop_prob, loss_weighting=args.loss_weighting,
-                     min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling)
+                     min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling,
+                     lognormal_mean=args.lognormal_mean)
     return model, diffusion
 
 

@@ -88,6 +88,9 @@ class GaussianDiffusion(nn.Module):
         each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
     t_sampling: how training draws t: "uniform" (DDPM Alg. 1, t ~ U{0, …, T−1}) or "lognormal"
         (EDM's ln σ ~ N(P_mean, P_std²), mapped to the step whose σ_t is nearest above).
+    lognormal_mean: P_mean of "lognormal" (EDM: −1.2, for 32 px and 64 px alike). Each doubling of the image
+        side keeps more signal at the same σ (neighbouring pixels average the noise away), so the
+        resolution-shifted schedules (Hoogeboom et al. 2023; Esser et al. 2024) move the noise up.
     clip_denoised: the samplers' default for clamping each step's x̂_0 to [−1, 1] (DDPM's code,
         not its equations). The clamp cuts only the errors that point out of the range, so where
         the data sit on its edge (MNIST's black background) it pushes x̂_0 inwards, and the chain
@@ -98,7 +101,7 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, model, image_size, channels, timesteps=1000, schedule="linear",
                  objective="eps", variance="beta_tilde", cond_drop_prob=0.1, loss_weighting="simple",
-                 min_snr_gamma=5.0, clip_denoised=True, t_sampling="uniform"):
+                 min_snr_gamma=5.0, clip_denoised=True, t_sampling="uniform", lognormal_mean=P_MEAN):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -124,6 +127,7 @@ class GaussianDiffusion(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.clip_denoised = bool(clip_denoised)
         self.t_sampling = t_sampling
+        self.lognormal_mean = float(lognormal_mean)
         self.num_classes = getattr(model, "num_classes", None)
         self.amp = False
 
@@ -260,10 +264,10 @@ class GaussianDiffusion(nn.Module):
 
     def sample_t(self, n, device):
         """Training steps t: (n,) ints in [0, T). "uniform": DDPM Alg. 1. "lognormal": EDM's
-        ln σ ~ N(P_mean, P_std²), then the first step whose σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
+        ln σ ~ N(P_mean, P_std²) (P_mean = lognormal_mean), then the first step whose σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
         if self.t_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), device=device)
-        sigma = (P_MEAN + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)
+        sigma = (self.lognormal_mean + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)
         t = torch.searchsorted(self.sigma_levels, sigma)
         return t.clamp(max=self.num_timesteps - 1)
 

@@ -14,8 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS, SCHEDULES, T_SAMPLINGS,
-                       VARIANCES, GaussianDiffusion)
+from diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, LOSS_WEIGHTINGS, OBJECTIVES, P_MEAN, SAMPLERS, SCHEDULES,
+                       T_SAMPLINGS, VARIANCES, GaussianDiffusion)
 
 # Every flag and its default; a train_*.py script overrides some of them.
 DEFAULTS = dict(
@@ -26,7 +26,7 @@ DEFAULTS = dict(
     base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
     # diffusion
     timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde", clip_denoised=True,
-    loss_weighting="simple", min_snr_gamma=5.0, t_sampling="uniform",
+    loss_weighting="simple", min_snr_gamma=5.0, t_sampling="uniform", lognormal_mean=P_MEAN,
     # optimisation
     steps=10_000, max_pflop=None, budget_minutes=None, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
     warmup_steps=1000,
@@ -46,7 +46,8 @@ ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mu
              "attn_resolutions", "timesteps", "schedule", "objective", "variance", "loss_weighting")
 # What a checkpoint that predates these settings was trained with (its config has no such key).
 BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant",
-                 "clip_denoised": True, "t_sampling": "uniform", "max_pflop": None, "budget_minutes": None}
+                 "clip_denoised": True, "t_sampling": "uniform", "max_pflop": None, "budget_minutes": None,
+                 "lognormal_mean": P_MEAN}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free",
@@ -146,6 +147,9 @@ def build_parser(defaults, presets, description):
     g.add_argument("--min-snr-gamma", type=number(float, 0, low_open=True), help="γ of --loss-weighting min_snr")
     g.add_argument("--t-sampling", choices=T_SAMPLINGS, help="how training draws t: uniform (DDPM Alg. 1) or "
                    "lognormal (EDM's ln σ ~ N(−1.2, 1.2²): the steps where the loss can still fall)")
+    g.add_argument("--lognormal-mean", type=number(float, -5, 5),
+                   help="the mean of ln σ for --t-sampling lognormal (EDM: −1.2; higher spends more steps on "
+                        "heavy noise, as larger images need)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=POSITIVE, help="total optimiser steps (the run stops at this step)")
     g.add_argument("--max-pflop", type=number(float, 0, low_open=True),

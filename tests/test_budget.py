@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import budget
+import train_celeba
 import train_cifar
 import train_mnist
 from conftest import run, tensors_equal
@@ -93,13 +94,25 @@ def test_three_sittings_equal_one_run_of_the_same_budget(data_dir, tmp_path):
     assert lr_whole == lr_split and float(lr_whole[-1][1]) < float(lr_whole[0][1])
 
 
-def test_the_trainer_projects_the_run_and_names_the_cpu_recipe_before_the_first_step(data_dir, tmp_path, capsys):
-    run(train_cifar, tmp_path, "--steps", "1", "--max-pflop", "1e-7")
+@pytest.mark.parametrize("script", [train_cifar, train_celeba])
+def test_the_trainer_projects_the_run_and_names_the_cpu_recipe_before_the_first_step(script, data_dir, tmp_path,
+                                                                                     capsys):
+    run(script, tmp_path, "--steps", "1", "--max-pflop", "1e-7")
     out = capsys.readouterr().out
     assert "GFLOP per image forward" in out and "PFLOP" in out and " h on cpu at the measured" in out
     assert "the CPU recipe is --cpu" in out
-    run(train_cifar, tmp_path, "--steps", "1", "--cpu", "--overwrite")
+    ckpt = run(script, tmp_path, "--steps", "1", "--cpu", "--overwrite")
     assert "the CPU recipe is" not in capsys.readouterr().out
+    config = torch.load(next(ckpt.glob("*_ema.pt")), weights_only=True)["config"]
+    recipe = script.PRESETS["cpu"][0]
+    assert config["train"]["max_pflop"] == recipe["max_pflop"]           # the preset's budget is the run's
+    assert config["diffusion"]["objective"] == recipe["objective"] == "v"
+
+
+def test_the_projection_of_a_run_that_max_minutes_alone_budgets_is_that_time(data_dir, tmp_path, capsys):
+    run(train_mnist, tmp_path, "--steps", "10000000", "--max-minutes", "0.02")
+    line = next(x for x in capsys.readouterr().out.splitlines() if "GFLOP per image forward" in x)
+    assert " ≈ 0.0 h on cpu" in line, line                # not the 80M images of --steps 10,000,000
 
 
 def test_progress_bar_follows_the_time_budget_not_the_steps():

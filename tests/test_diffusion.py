@@ -446,6 +446,24 @@ def test_label_dropout_replaces_that_share_with_the_null_label():
     assert torch.equal(model.calls[-1][2], labels)
 
 
+@pytest.mark.parametrize("mean", [-1.2, -0.5])
+def test_lognormal_t_sampling_draws_steps_whose_sigma_is_lognormal_around_the_mean(mean):
+    """ln σ ~ N(mean, 1.2²), mapped to the first step with σ_t ≥ σ: the drawn steps' ln σ_t has that
+    median and spread (σ_t lies just above σ: the cosine grid is fine there), and no step falls outside [0, T)."""
+    n = 20_000
+    process = make_diffusion(schedule="cosine", t_sampling="lognormal", lognormal_mean=mean)
+    torch.manual_seed(0)
+    t = process.sample_t(n, "cpu")
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() < 1000
+    ab = reference("cosine", 1000)[2]
+    log_sigma = (0.5 * ((1 - ab) / ab).log())[t]                         # ln σ_t = ½ ln((1−ᾱ_t)/ᾱ_t)
+    assert abs(log_sigma.median().item() - mean) < 0.05                # ± 2.5 standard errors of a median
+    q16, q84 = log_sigma.quantile(torch.tensor([0.1587, 0.8413], dtype=log_sigma.dtype)).tolist()
+    assert abs((q84 - q16) / 2 - 1.2) < 0.05                            # P_std = 1.2
+    uniform = make_diffusion(schedule="cosine").sample_t(n, "cpu")
+    assert abs(uniform.float().mean().item() - 499.5) < 10              # DDPM Alg. 1: t ~ U{0, …, T−1}
+
+
 # ----------------------------------------------------------------------------- which steps a sampler visits
 
 def test_sampling_timesteps_is_all_T_steps_for_ddpm_and_evenly_respaced_otherwise():
