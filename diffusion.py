@@ -88,9 +88,9 @@ class GaussianDiffusion(nn.Module):
         each t weighted by min(SNR_t, γ) relative to its objective, γ = min_snr_gamma).
     t_sampling: how training draws t: "uniform" (DDPM Alg. 1, t ~ U{0, …, T−1}) or "lognormal"
         (EDM's ln σ ~ N(P_mean, P_std²), mapped to the step whose σ_t is nearest above).
-    lognormal_mean: P_mean of "lognormal" (EDM: −1.2, for 32 px and 64 px alike). Each doubling of the image
-        side keeps more signal at the same σ (neighbouring pixels average the noise away), so the
-        resolution-shifted schedules (Hoogeboom et al. 2023; Esser et al. 2024) move the noise up.
+    lognormal_mean: P_mean of "lognormal" (EDM: −1.2, for 32 px and 64 px alike). Each doubling
+        of the image side keeps more signal at the same σ (neighbouring pixels average the noise
+        away), so resolution-shifted schedules (Hoogeboom et al. 2023; Esser et al. 2024) move it up.
     clip_denoised: the samplers' default for clamping each step's x̂_0 to [−1, 1] (DDPM's code,
         not its equations). The clamp cuts only the errors that point out of the range, so where
         the data sit on its edge (MNIST's black background) it pushes x̂_0 inwards, and the chain
@@ -264,7 +264,8 @@ class GaussianDiffusion(nn.Module):
 
     def sample_t(self, n, device):
         """Training steps t: (n,) ints in [0, T). "uniform": DDPM Alg. 1. "lognormal": EDM's
-        ln σ ~ N(P_mean, P_std²) (P_mean = lognormal_mean), then the first step whose σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
+        ln σ ~ N(P_mean, P_std²), P_mean = lognormal_mean, then the first step whose
+        σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
         if self.t_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), device=device)
         sigma = (self.lognormal_mean + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)

@@ -37,7 +37,7 @@ CPU = dict(base_channels=16, channel_mults=[1, 2, 4, 8, 8], num_res_blocks=1, at
 PRESETS = {
     "cpu": (CPU, "the CPU recipe: a 4.1M-parameter, 1.05-GFLOP v-model (base 16, mults 1,2,4,8,8: 16 channels "
                  "at 64×64, 128 at 8×8 and 4×4), EDM's log-normal noise levels shifted up for 64 px (ln σ mean "
-                 "−0.5), lr 1e-3 decayed to 0 over a 3-PFLOP budget (about 5.5 h of a 2-core CPU, in as many "
+                 "−0.5), lr 1e-3 decayed to 0 over a 3-PFLOP budget (about 5 h of a 2-core CPU, in as many "
                  "sittings as you like: --max-minutes, then --resume)"),
 }
 
