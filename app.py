@@ -28,7 +28,7 @@ import gradio as gr
 import torch
 
 from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
-from device import pick_device, synchronize as sync
+from device import pick_device, synchronize as sync, time_call
 from data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from images import make_grid, to_pil, to_uint8
@@ -217,15 +217,7 @@ class App:
             t = torch.full((batch,), info["T"] - 1, device=self.device, dtype=torch.long)
             labels = torch.zeros(batch, dtype=torch.long, device=self.device) if info["num_classes"] else None
             with torch.no_grad():
-                diffusion.model(x, t, labels)                  # warm-up: the first call at a shape is slow
-                times = []
-                while len(times) < 3 and sum(times) < 1.0:     # best of three, unless slow anyway
-                    sync(self.device)
-                    start = time.perf_counter()
-                    diffusion.model(x, t, labels)
-                    sync(self.device)
-                    times.append(time.perf_counter() - start)
-            self.call_seconds[key] = min(times)
+                self.call_seconds[key] = time_call(lambda: diffusion.model(x, t, labels), self.device)
         return self.call_seconds[key]
 
     def estimate_seconds(self, info, calls, n, guidance):

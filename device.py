@@ -4,6 +4,7 @@ states a checkpoint stores, and the device sync that honest timings need.
 """
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -84,6 +85,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def time_call(call, device, budget=1.0):
+    """The time of one call of `call()` on `device`: one untimed warm-up (the first call at a shape
+    is slow: allocation, kernel choice), then the best of up to three timed calls within `budget`
+    seconds. The estimates of generate.py and the demo both come from here."""
+    call()
+    times = []
+    while len(times) < 3 and sum(times) < budget:
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def cuda_fast_settings(model=None):

@@ -54,6 +54,15 @@ def test_ddim_eta0_is_deterministic_and_uses_the_requested_steps(tiny_checkpoint
     assert "steps=5" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("image_size, batch", [(8, 256), (32, 256), (64, 64)])
+def test_the_default_batch_holds_at_most_256_images_of_32x32_worth_of_pixels(tiny_checkpoint, tmp_path, capsys,
+                                                                             image_size, batch):
+    ckpt = tiny_checkpoint(image_size=image_size)
+    images = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "1")
+    assert images.shape == (2, image_size, image_size, 1)
+    assert f"batch_size={batch}," in capsys.readouterr().out
+
+
 def test_conditional_class_by_name_or_index_and_guidance(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint(num_classes=3, class_names=["cat", "dog", "owl"], channels=3)
     by_name = run(ckpt, tmp_path, "--n", "2", "--steps", "4", "--sampler", "ddim", "--class", "dog", "--guidance", "2")
