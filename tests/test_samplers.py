@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import WavyEps, make_diffusion, reference
-from samplers import edm_sigmas, sigma_to_t, t_to_sigma
+from samplers import SIGMA_MAX, edm_sigmas, sigma_to_t, t_to_sigma
 
 T = 1000                                                   # the MNIST runs' linear schedule
 MU = torch.tensor([[0.3, -0.2], [0.1, 0.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
@@ -59,10 +59,12 @@ def final_x(diffusion, n, **settings):
     return x.double()
 
 
-def exact_flow(diffusion, x_T):
-    """The probability-flow ODE's end point from x_T at σ_max down to σ_min, where x_σ − μ ∝ √(s² + σ²),
-    then the last step x̂_0 = D(x; σ_min) = μ + s²/(s² + σ_min²)·(x − μ) that every solver here ends with."""
-    sigma_min, sigma_max = diffusion.sigma_table[0].item(), diffusion.sigma_table[-1].item()
+def exact_flow(diffusion, x_T, sigma_max=None):
+    """The probability-flow ODE's end point from x_T at σ_max (default: the table's, σ_{T−1}) down to σ_min,
+    where x_σ − μ ∝ √(s² + σ²), then the last step x̂_0 = D(x; σ_min) = μ + s²/(s² + σ_min²)·(x − μ) that
+    every solver here ends with."""
+    sigma_min = diffusion.sigma_table[0].item()
+    sigma_max = diffusion.sigma_table[-1].item() if sigma_max is None else sigma_max
     x_max = x_T.double() * math.sqrt(1 + sigma_max ** 2)                                  # x_σ = x_t/√ᾱ
     x_min = MU + (x_max - MU) * math.sqrt((S ** 2 + sigma_min ** 2) / (S ** 2 + sigma_max ** 2))
     return MU + S ** 2 / (S ** 2 + sigma_min ** 2) * (x_min - MU)
@@ -96,7 +98,7 @@ def test_deterministic_solvers_converge_at_their_order(sampler, counts, settings
     # regime only past ~40 calls.
     diffusion = gaussian_diffusion()
     x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1))
-    exact = exact_flow(diffusion, x_T)
+    exact = exact_flow(diffusion, x_T, min(diffusion.sigma_table[-1].item(), SIGMA_MAX) if sampler == "edm" else None)
     errors = [(final_x(diffusion, 256, sampler=sampler, steps=c, x_T=x_T, **settings) - exact).abs().max().item()
               for c in counts]
     ratios = [a / b for a, b in zip(errors, errors[1:])]
@@ -158,7 +160,9 @@ def test_edm_noise_levels_follow_eq5_and_spend_every_call():
     # EDM eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7; N steps make 2N − 1 calls
     # (the last step, to σ_N = 0, is Euler); an even count makes the first step Euler too.
     diffusion = make_diffusion(WavyEps())
-    sigma_min, sigma_max = diffusion.sigma_table[0].item(), diffusion.sigma_table[-1].item()
+    sigma_min, sigma_top = diffusion.sigma_table[0].item(), diffusion.sigma_table[-1].item()
+    sigma_max = SIGMA_MAX                        # EDM's σ_max: this linear table runs on to σ_{T−1} ≈ 157
+    assert sigma_top > sigma_max
     for calls, N, heun in [(9, 5, [1, 1, 1, 1, 0]), (10, 6, [0, 1, 1, 1, 1, 0]), (1, 1, [0]), (2, 2, [0, 0])]:
         plan = edm_sigmas(diffusion.sigma_table, calls, churn=0.0)
         expected = [sigma_max] if N == 1 else [
@@ -166,10 +170,27 @@ def test_edm_noise_levels_follow_eq5_and_spend_every_call():
         assert [s for s, _, _, _ in plan] == pytest.approx(expected, rel=1e-12)
         assert [s_next for _, _, s_next, _ in plan] == pytest.approx(expected[1:] + [0.0], rel=1e-12)
         assert [int(h) for *_, h in plan] == heun and sum(1 + h for h in heun) == calls
-    # churn: γ = min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax] only, and never above σ_max
-    for sigma, sigma_hat, _, _ in edm_sigmas(diffusion.sigma_table, 25, churn=40.0, s_tmin=0.05, s_tmax=50.0):
-        gamma = math.sqrt(2) - 1 if 0.05 <= sigma <= 50.0 else 0.0
-        assert sigma_hat == pytest.approx(min(sigma * (1 + gamma), sigma_max), rel=1e-12)
+    # churn: γ = min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax] only, and never above the table's σ_{T−1}
+    for s_tmax in (50.0, 1e6):
+        for sigma, sigma_hat, _, _ in edm_sigmas(diffusion.sigma_table, 25, churn=40.0, s_tmin=0.05, s_tmax=s_tmax):
+            gamma = math.sqrt(2) - 1 if 0.05 <= sigma <= s_tmax else 0.0
+            assert sigma_hat == pytest.approx(min(sigma * (1 + gamma), sigma_top), rel=1e-12)
+
+
+def test_edm_starts_at_sigma_80_not_at_the_end_of_a_cosine_table():
+    # A cosine table runs on to σ_{T−1} ≈ 2·10⁴; eq. 5 from there would spend 8 of 13 steps above σ = 80,
+    # where x_t is noise to 1%. From EDM's σ_max = 80 every step is below it, 6 of them in σ ∈ [0.05, 10].
+    cosine = make_diffusion(WavyEps(), schedule="cosine")
+    assert cosine.sigma_table[-1].item() > 1e4
+    sigmas = [s for s, _, _, _ in edm_sigmas(cosine.sigma_table, 25, churn=0.0)]
+    assert sigmas[0] == SIGMA_MAX and sum(s > SIGMA_MAX for s in sigmas) == 0 and len(sigmas) == 13
+    assert sum(0.05 <= s <= 10 for s in sigmas) == 6              # from σ_{T−1} ≈ 2·10⁴: only 2 of the 13
+    ts = cosine.sampling_timesteps("edm", 25, churn=0.0)
+    assert ts[0] == pytest.approx(sigma_to_t(cosine.sigma_table, SIGMA_MAX).item()) and ts[0] < 999
+    # a short table that never reaches σ = 80 still starts at its own end
+    short = make_diffusion(WavyEps(), timesteps=50)
+    assert short.sigma_table[-1].item() < SIGMA_MAX
+    assert edm_sigmas(short.sigma_table, 9, churn=0.0)[0][0] == short.sigma_table[-1].item()
 
 
 def test_edm_without_churn_is_deterministic_and_with_churn_draws_noise():
