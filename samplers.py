@@ -91,7 +91,7 @@ def edm_sigmas(sigma_table, calls, churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX):
     plan = []
     for i in range(N):
         gamma = min(churn / N, math.sqrt(2) - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0   # churn γ_i
-        # σ̂_i = σ_i·(1 + γ_i), but no higher than σ_max: the network never saw more noise than at T.
+        # σ̂_i = σ_i·(1 + γ_i), but no higher than σ_{T−1}: the network never saw more noise than at T.
         sigma_hat = min(sigmas[i] * (1 + gamma), sigma_top)
         heun = sigmas[i + 1] > 0 and not (calls % 2 == 0 and i == 0)
         plan.append((sigmas[i], sigma_hat, sigmas[i + 1], heun))
