@@ -4,8 +4,11 @@
 
 The record has one row per sitting (and per scored checkpoint): sitting, steps, images, pflop,
 hours, fid, kid, n, floor, sampler, calls, and optionally floor_n (the floor's n, when it is not
-the samples' n: the faces hold out 300) and target (a line to reach). FID is plotted against PFLOP
-(bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor.
+the samples' n: the faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the
+one to hold against the floor) and target (a line to reach). FID is plotted against PFLOP
+(bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor. The top axis
+follows the record's own hours, piecewise between sittings: a sitting that shared the CPU took
+more hours for its PFLOP, and its stretch of the axis shows it.
 """
 
 import csv
@@ -16,6 +19,17 @@ from pathlib import Path
 def read(path):
     with open(path, newline="") as f:
         return [r for r in csv.DictReader(f) if r["fid"]]
+
+
+def hours_axis(pflop, hours):
+    """(PFLOP -> hours, hours -> PFLOP): piecewise linear through (0, 0) and each sitting's
+    (pflop, hours), past the last sitting at the campaign's average rate. Both increase, as
+    matplotlib's secondary axis needs."""
+    import numpy as np
+    rate = hours[-1] / pflop[-1]
+    p = np.array([0.0, *pflop, 1e3 * pflop[-1]])
+    h = np.array([0.0, *hours, hours[-1] + rate * (p[-1] - pflop[-1])])
+    return (lambda x: np.interp(x, p, h)), (lambda y: np.interp(y, h, p))
 
 
 def plot(path, out=None):
@@ -30,18 +44,24 @@ def plot(path, out=None):
     for r in rows:
         ax.annotate(f"{float(r['fid']):.1f}", (float(r["pflop"]), float(r["fid"])), textcoords="offset points",
                     xytext=(4, 6), fontsize=8)
+    floor_n = rows[0].get("floor_n")
+    if floor_n and rows[0].get(f"fid{floor_n}"):      # the floor's n differs: plot the FID at that n as well
+        small = [float(r[f"fid{floor_n}"]) for r in rows]
+        ax.plot(pflop, small, "s--", color="tab:blue", alpha=0.5, ms=4,
+                label=f"model, FID-{floor_n} (the first {floor_n} of the same samples)")
+        for x, y in zip(pflop, small):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, alpha=0.7)
     floors = {(r["floor"], r.get("floor_n") or r["n"]) for r in rows if r.get("floor")}
     for floor, n in floors:
         ax.axhline(float(floor), color="grey", ls="--", lw=1, label=f"real vs real at n = {n}: {float(floor):.1f}")
     for target in {r["target"] for r in rows if r.get("target")}:
-        ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target: {float(target):.1f}")
+        ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{rows[0]['n']}: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(fid)))    # room for the labels above the points
     hours = [float(r["hours"]) for r in rows]
     if len(rows) > 1 and pflop[-1] > 0:
-        per_hour = hours[-1] / pflop[-1]
-        top = ax.secondary_xaxis("top", functions=(lambda p: p * per_hour, lambda h: h / per_hour))
+        top = ax.secondary_xaxis("top", functions=hours_axis(pflop, hours))
         top.set_xlabel("CPU-hours (2 cores)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,0 +1,40 @@
+"""docs/plot_campaign.py: the campaign plot's top axis gives each sitting's own CPU-hours, and the
+plot is drawn from a record in the format docs/results/*_campaign.csv keep."""
+
+import csv
+import importlib.util
+
+import numpy as np
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("plot_campaign", ROOT / "docs" / "plot_campaign.py")
+plot_campaign = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot_campaign)
+
+
+def test_top_axis_puts_each_sitting_at_its_own_hours_not_at_an_average_rate():
+    pflop, hours = [0.84, 1.37, 2.08], [1.46, 2.49, 3.57]    # sitting 2 shared the CPU: a slower stretch
+    to_hours, to_pflop = plot_campaign.hours_axis(pflop, hours)
+    assert np.allclose(to_hours(np.array(pflop)), hours)
+    assert np.allclose(to_pflop(np.array(hours)), pflop)
+    assert to_hours(0.0) == 0.0
+    grid = np.linspace(0, 5, 51)                               # past the last sitting: the average rate
+    assert np.all(np.diff(to_hours(grid)) > 0)
+    assert np.isclose(to_hours(5.0), 3.57 + (5.0 - 2.08) * 3.57 / 2.08)
+    assert np.allclose(to_pflop(to_hours(grid)), grid)
+
+
+def test_plot_writes_a_png_from_a_campaign_record(tmp_path):
+    record = tmp_path / "toy_campaign.csv"
+    fields = ["sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "floor_n", "fid300"]      # the floor at n = 300, as the faces'
+    rows = [[1, 100, 6400, 0.5, 0.7, 80.0, 0.06, 0.001, 2000, 33.6, 0.0, "ddpm", 50, 300, 95.0],
+            [2, 200, 12800, 1.0, 1.6, 60.0, 0.04, 0.001, 2000, 33.6, 0.0, "ddpm", 50, 300, 75.0],
+            [3, 300, 19200, 1.5, "", "", "", "", 2000, 33.6, 0.0, "ddpm", 50, 300, ""]]   # not scored yet: skipped
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    assert [r["sitting"] for r in plot_campaign.read(record)] == ["1", "2"]
+    out = plot_campaign.plot(record)
+    assert out == record.with_suffix(".png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
