@@ -57,7 +57,7 @@ def plot(path, out=None):
     for target in {r["target"] for r in rows if r.get("target")}:
         ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{rows[0]['n']}: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(pflop)))    # room for the last label
     ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(fid)))    # room for the labels above the points
     hours = [float(r["hours"]) for r in rows]
     if len(rows) > 1 and pflop[-1] > 0:
