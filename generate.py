@@ -7,6 +7,7 @@
     python generate.py --ckpt checkpoints/cifar10_ema.pt --n 50000 --batch-size 500 \\
         --npz samples/cifar10_50k.npz --no-grid                              # for fid.py
 
+Without --ckpt it samples checkpoints/mnist_ema.pt, or on a fresh clone the shipped pretrained/mnist.pt.
 Everything about the model (architecture, image size, channels, schedule, objective, class names)
 comes from the config stored in the checkpoint; the flags only choose how to sample. The same
 --seed gives the same images on every device. A conditional model without --class samples the

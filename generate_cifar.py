@@ -1,6 +1,7 @@
 """CIFAR-10 samples: a labelled 10×10 grid, or 50,000 images for FID, in one command.
 
     python generate_cifar.py                                         # samples/cifar10_grid_ddpm1000.png
+    python generate_cifar.py --steps 50                              # the same grid from 50 of the 1000 steps
     python generate_cifar.py --sampler ddim --steps 100 --guidance 1  # faster, with guidance (conditional)
     python generate_cifar.py --n 50000 --batch-size 1000 --npz samples/cifar10_50k.npz
     python fid.py --samples samples/cifar10_50k.npz --dataset cifar10 --inception-weights PATH
@@ -8,7 +9,8 @@
 Conditional model: one row per class, the class name at the left of its row; the images are
 drawn with the classes in turn, so 50,000 of them hold 5,000 per class. Unconditional model: a
 plain 10×10 grid. The default sampler is the paper's (DDPM, all 1000 steps: FID 3.17 in Ho et al.
-Table 1); --sampler ddim --steps 100 is 10× faster. All other flags are generate.py's.
+Table 1); --sampler ddim --steps 100 is 10× faster. Without --ckpt it samples checkpoints/cifar10_ema.pt,
+or on a fresh clone the shipped pretrained/cifar10.pt. All other flags are generate.py's.
 """
 
 
@@ -44,7 +46,8 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
 
 
 def main(argv=None):
-    p = build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None)
+    p = build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None,
+                     shipped="pretrained/cifar10.pt")
     p.add_argument("--per-class", type=int, default=10, help="images per class row in the labelled grid (default: 10)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the grid by this integer factor (default: 1)")
     args = p.parse_args(argv)

@@ -125,6 +125,15 @@ def open_checkpoint(path, device, amp=True):
 
 
 
+def default_checkpoint(trained, shipped):
+    """No --ckpt: the checkpoint your training wrote, else the shipped model (saying so), else `trained`,
+    whose absence open_checkpoint then reports with the command that makes it."""
+    if os.path.exists(trained) or not os.path.exists(shipped):
+        return trained
+    print(f"no {trained} here (train one with train_*.py): sampling the shipped model {shipped}")
+    return shipped
+
+
 def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
     """The flags that say how to sample a checkpoint; generate.py, generate_cifar.py and fid.py share them.
     steps: the default --steps (None: all T for ddpm, 50 for the others)."""
@@ -159,9 +168,14 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
 
 
 def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
-                 grid="samples/<run>_<sampler><steps>.png", steps=DEFAULT_STEPS):
+                 grid="samples/<run>_<sampler><steps>.png", steps=DEFAULT_STEPS, shipped="pretrained/mnist.pt"):
+    """ckpt: the default --ckpt, what the trainer writes; shipped: the model in pretrained/ used where
+    ckpt does not exist, so that a fresh clone samples without training."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=ckpt, help="checkpoint written by train_*.py (default: %(default)s)")
+    p.add_argument("--ckpt", default=None,
+                   help=f"checkpoint written by train_*.py or ship.py (default: {ckpt}, or the shipped {shipped} "
+                        "where that does not exist)")
+    p.set_defaults(trained_ckpt=ckpt, shipped_ckpt=shipped)
     add_sampling_args(p, n, steps)
     p.add_argument("--grid", default=None, help=f"grid PNG (default: {grid})")
     p.add_argument("--no-grid", action="store_true", help="do not write a grid")
@@ -180,6 +194,8 @@ def sample_from_args(args):
         raise SystemExit("error: --batch-size must be at least 1")
     if args.churn is not None and (args.sampler != "edm" or args.churn < 0):
         raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
+    if args.ckpt is None:
+        args.ckpt = default_checkpoint(args.trained_ckpt, args.shipped_ckpt)
     device = pick_device(args.device)
     diffusion, config = open_checkpoint(args.ckpt, device, args.amp)
     args.batch_size = args.batch_size or default_batch_size(diffusion.image_size)

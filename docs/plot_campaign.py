@@ -2,10 +2,12 @@
 
     python docs/plot_campaign.py docs/results/cifar10_campaign.csv     # -> docs/results/cifar10_campaign.png
 
-The record has one row per sitting (and per scored checkpoint): sitting, steps, images, pflop,
-hours, fid, kid, n, floor, sampler, calls, and optionally floor_n (the floor's n, when it is not
-the samples' n: the faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the
-one to hold against the floor) and target (a line to reach). FID is plotted against PFLOP
+The record has one row per sitting and score: sitting, steps, images, pflop, hours, fid, kid, n,
+floor, sampler, calls, and optionally floor_n (the floor's n, when it is not the samples' n: the
+faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the one to hold against
+the floor) and target (a line to reach at the row's n). Rows at another n than the first row's
+(CIFAR-10: FID-2k after every sitting, FID-10k at the end) are their own points, beside their
+own floor. FID is plotted against PFLOP
 (bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor. The top axis
 follows the record's own hours, piecewise between sittings: a sitting that shared the CPU took
 more hours for its PFLOP, and its stretch of the axis shows it.
@@ -19,6 +21,14 @@ from pathlib import Path
 def read(path):
     with open(path, newline="") as f:
         return [r for r in csv.DictReader(f) if r["fid"]]
+
+
+def by_n(rows):
+    """The rows grouped by their samples' n, the first row's n first."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["n"], []).append(r)
+    return groups
 
 
 def hours_axis(pflop, hours):
@@ -36,26 +46,35 @@ def plot(path, out=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read(path)
+    everything = read(path)
+    groups = by_n(everything)
+    rows = groups.pop(everything[0]["n"])             # the sittings' scores; the axes follow them
     pflop = [float(r["pflop"]) for r in rows]
     fid = [float(r["fid"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(pflop, fid, "o-", label=f"model, FID-{rows[0]['n']} ({rows[0]['sampler']}, {rows[0]['calls']} calls)")
-    for r in rows:
-        ax.annotate(f"{float(r['fid']):.1f}", (float(r["pflop"]), float(r["fid"])), textcoords="offset points",
-                    xytext=(4, 6), fontsize=8)
     floor_n = rows[0].get("floor_n")
-    if floor_n and rows[0].get(f"fid{floor_n}"):      # the floor's n differs: plot the FID at that n as well
+    small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
+    for r in rows:                                    # below the points where the floor line runs above them
+        ax.annotate(f"{float(r['fid']):.1f}", (float(r["pflop"]), float(r["fid"])), textcoords="offset points",
+                    xytext=(4, -12 if small_too else 6), fontsize=8)
+    for n, other in groups.items():                   # the end scored at a larger n: its own points
+        xs, ys = [float(r["pflop"]) for r in other], [float(r["fid"]) for r in other]
+        ax.plot(xs, ys, "D", color="tab:green", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(-30, -3), fontsize=8, color="tab:green")
+    if small_too:                                     # the floor's n differs: plot the FID at that n as well
         small = [float(r[f"fid{floor_n}"]) for r in rows]
         ax.plot(pflop, small, "s--", color="tab:blue", alpha=0.5, ms=4,
                 label=f"model, FID-{floor_n} (the first {floor_n} of the same samples)")
         for x, y in zip(pflop, small):
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, alpha=0.7)
-    floors = {(r["floor"], r.get("floor_n") or r["n"]) for r in rows if r.get("floor")}
-    for floor, n in floors:
-        ax.axhline(float(floor), color="grey", ls="--", lw=1, label=f"real vs real at n = {n}: {float(floor):.1f}")
-    for target in {r["target"] for r in rows if r.get("target")}:
-        ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{rows[0]['n']}: {float(target):.1f}")
+    floors = {(r["floor"], r.get("floor_n") or r["n"]) for r in everything if r.get("floor")}
+    for floor, n in sorted(floors, key=lambda f: -float(f[0])):
+        ax.axhline(float(floor), color="grey", ls="--" if n == rows[0]["n"] or n == floor_n else "-.", lw=1,
+                   label=f"real vs real at n = {n}: {float(floor):.1f}")
+    for target, n in {(r["target"], r["n"]) for r in everything if r.get("target")}:
+        ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{n}: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
     ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(pflop)))    # room for the last label
     ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(fid)))    # room for the labels above the points

@@ -6,6 +6,7 @@ All runs go through main(argv) in-process, on tiny random checkpoints (8×8, T =
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -271,3 +272,23 @@ def test_clip_denoised_follows_the_checkpoint_unless_a_flag_says_otherwise(tiny_
     assert np.array_equal(images["old.pt",], images["new.pt", "--clip-denoised"])
     assert np.array_equal(images["old.pt", "--no-clip-denoised"], images["new.pt",])
     assert not np.array_equal(images["old.pt",], images["new.pt",])
+
+
+def test_without_ckpt_the_trained_model_else_the_shipped_one(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import ship
+    ckpt = tiny_checkpoint(num_classes=3, class_names=["a", "b", "c"], channels=3, dataset="cifar10")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--n", "3", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--no-grid", "--npz", "s.npz"]
+    with pytest.raises(SystemExit, match="cifar10_ema.pt"):       # neither: the trained one is what is missing
+        generate_cifar.main(flags)
+    ship.main([str(ckpt), "pretrained/cifar10.pt"])
+    generate_cifar.main(flags)                                     # a fresh clone: the shipped model
+    assert "sampling the shipped model pretrained/cifar10.pt" in capsys.readouterr().out
+    with np.load(tmp_path / "s.npz") as d:
+        assert str(d["ckpt"]) == "cifar10.pt"
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(ckpt, tmp_path / "checkpoints" / "cifar10_ema.pt")
+    generate_cifar.main(flags)                                     # once trained: your own model
+    assert "shipped" not in capsys.readouterr().out
+    with np.load(tmp_path / "s.npz") as d:
+        assert str(d["ckpt"]) == "cifar10_ema.pt"

@@ -38,3 +38,19 @@ def test_plot_writes_a_png_from_a_campaign_record(tmp_path):
     out = plot_campaign.plot(record)
     assert out == record.with_suffix(".png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_end_scored_at_a_larger_n_is_its_own_series(tmp_path):
+    record = tmp_path / "cifar_campaign.csv"
+    fields = ["sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "target"]
+    rows = [[1, 100, 6400, 0.5, 0.7, 64.0, 0.04, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""],
+            [2, 200, 12800, 1.0, 1.6, 50.0, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""],
+            [2, 200, 12800, 1.0, 1.6, 30.0, 0.03, 0.001, 10000, 5.13, 0.0, "ddpm", 50, 35]]   # FID-10k at the end
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    groups = plot_campaign.by_n(plot_campaign.read(record))
+    assert list(groups) == ["2000", "10000"]                 # the sittings' n first
+    assert [float(r["fid"]) for r in groups["2000"]] == [64.0, 50.0]
+    assert [float(r["fid"]) for r in groups["10000"]] == [30.0]
+    assert plot_campaign.plot(record).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
