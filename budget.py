@@ -36,7 +36,8 @@ class Budget:
     def bar(self, steps, step, run_name, disable):
         if self.seconds is None:
             return tqdm(total=steps, initial=step, disable=disable, dynamic_ncols=True, desc=run_name)
-        return tqdm(total=round(self.seconds), initial=round(self.elapsed()), unit="s", disable=disable,
+        # n never past the total: tqdm would drop the total, and its bar_format with it
+        return tqdm(total=self.seconds, initial=min(self.seconds, self.elapsed()), unit="s", disable=disable,
                     dynamic_ncols=True, desc=f"{run_name} (--max-minutes)",
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
 

@@ -125,3 +125,14 @@ def test_progress_bar_follows_the_time_budget_not_the_steps():
     steps_bar = budget.Budget(None, time.time()).bar(steps=500, step=10, run_name="m", disable=False)
     assert steps_bar.total == 500 and steps_bar.n == 10
     steps_bar.close()
+
+
+def test_a_bar_made_after_the_sitting_time_is_spent_still_draws():
+    # a busy CPU can spend a short --max-minutes on start-up; tqdm drops a total that n has passed,
+    # and its bar_format then fails on the missing percentage
+    clock = budget.Budget(0.02, t_start=time.time() - 5)                # 5 s used of a 1.2 s budget
+    bar = clock.bar(steps=100, step=0, run_name="mnist", disable=False)
+    assert bar.total == bar.n == 1.2
+    clock.advance(bar, step=1)
+    assert "100%" in str(bar)
+    bar.close()
