@@ -123,8 +123,6 @@ def open_checkpoint(path, device, amp=True):
         raise SystemExit(f"error: {e}") from None
 
 
-
-
 def default_checkpoint(trained, shipped):
     """No --ckpt: the checkpoint your training wrote, else the shipped model (saying so), else `trained`,
     whose absence open_checkpoint then reports with the command that makes it."""
