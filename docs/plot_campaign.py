@@ -42,6 +42,12 @@ def hours_axis(pflop, hours):
     return (lambda x: np.interp(x, p, h)), (lambda y: np.interp(y, h, p))
 
 
+def label_points(ax, xs, ys, offset, **style):
+    """Each point's FID beside it, `offset` points away."""
+    for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=offset, fontsize=8, **style)
+
+
 def plot(path, out=None):
     import matplotlib
     matplotlib.use("Agg")
@@ -55,20 +61,16 @@ def plot(path, out=None):
     ax.plot(pflop, fid, "o-", label=f"model, FID-{rows[0]['n']} ({rows[0]['sampler']}, {rows[0]['calls']} calls)")
     floor_n = rows[0].get("floor_n")
     small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
-    for r in rows:                                    # below the points where the floor line runs above them
-        ax.annotate(f"{float(r['fid']):.1f}", (float(r["pflop"]), float(r["fid"])), textcoords="offset points",
-                    xytext=(4, -12 if small_too else 6), fontsize=8)
+    label_points(ax, pflop, fid, (4, -12 if small_too else 6))     # below where the floor line runs above
     for n, other in groups.items():                   # the end scored at a larger n: its own points
         xs, ys = [float(r["pflop"]) for r in other], [float(r["fid"]) for r in other]
         ax.plot(xs, ys, "D", color="tab:green", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(-30, -3), fontsize=8, color="tab:green")
+        label_points(ax, xs, ys, (-30, -3), color="tab:green")
     if small_too:                                     # the floor's n differs: plot the FID at that n as well
         small = [float(r[f"fid{floor_n}"]) for r in rows]
         ax.plot(pflop, small, "s--", color="tab:blue", alpha=0.5, ms=4,
                 label=f"model, FID-{floor_n} (the first {floor_n} of the same samples)")
-        for x, y in zip(pflop, small):
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, alpha=0.7)
+        label_points(ax, pflop, small, (4, 6), alpha=0.7)
     floors = {(r["floor"], r.get("floor_n") or r["n"]) for r in everything if r.get("floor")}
     for floor, n in sorted(floors, key=lambda f: -float(f[0])):
         ax.axhline(float(floor), color="grey", ls="--" if n == rows[0]["n"] or n == floor_n else "-.", lw=1,
