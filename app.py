@@ -216,8 +216,8 @@ class App:
             x = torch.randn(shape, device=self.device)
             t = torch.full((batch,), info["T"] - 1, device=self.device, dtype=torch.long)
             labels = torch.zeros(batch, dtype=torch.long, device=self.device) if info["num_classes"] else None
-            with torch.no_grad():
-                self.call_seconds[key] = time_call(lambda: diffusion.model(x, t, labels), self.device)
+            with torch.no_grad():       # through network(): in bf16 where sampling runs in bf16
+                self.call_seconds[key] = time_call(lambda: diffusion.network(x, t, labels), self.device)
         return self.call_seconds[key]
 
     def estimate_seconds(self, info, calls, n, guidance):

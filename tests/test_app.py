@@ -107,11 +107,15 @@ def test_estimate_and_model_switch(server):
     assert "3 classes" in about and "T = 20" in about
 
 
-def test_demo_opens_on_the_fastest_model_and_shows_each_estimate(tmp_path):
+def test_demo_opens_on_the_fastest_model_and_shows_each_estimate(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "a_big_ema.pt", timesteps=20, image_size=32, channels=3)
     make_checkpoint(tmp_path / "z_small_ema.pt", timesteps=20, image_size=8)
     infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
     demo_app = app.App(infos, "cpu")
+    # A call's time in proportion to its pixels, not a wall clock: on a busy CPU two tiny models'
+    # timings can come out in either order, and the ordering is what this test is about.
+    monkeypatch.setattr(demo_app, "seconds_per_call",
+                        lambda info, batch: 1e-6 * batch * info["channels"] * info["image_size"] ** 2)
     choices = demo_app.model_choices()
     assert [name for _, name in choices] == ["z_small_ema", "a_big_ema"]
     assert all(re.search(r"≈ [0-9.]+ s", label) for label, _ in choices)
@@ -127,6 +131,26 @@ def test_demo_estimate_is_calibrated_by_the_last_real_run(tmp_path):
     demo_app.calibrate(infos["m_ema"], 10, 4, 0, seconds=3 * seconds_before)        # the run took 3× longer
     assert math.isclose(demo_app.estimate_seconds(infos["m_ema"], 10, 4, 0)[0], 3 * seconds_before, rel_tol=1e-6)
     assert "calibrated on the last run" in demo_app.estimate("m_ema", "DDIM", 10, 4, None, 0)
+
+
+def test_the_estimate_times_the_network_as_sampling_runs_it(tmp_path, monkeypatch):
+    """Sampling runs the net through diffusion.network, under bf16 autocast where that is fast; the
+    estimate must time that same call, not a float32 one (which made it err long on CPUs with bf16)."""
+    make_checkpoint(tmp_path / "m_ema.pt", timesteps=20, image_size=8, num_classes=3)
+    infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
+    demo_app = app.App(infos, "cpu")
+    diffusion = demo_app.models.get(infos["m_ema"]["path"], demo_app.device)
+    diffusion.amp = True                    # as on a CPU with fast bf16, whatever this one has
+    seen = []
+    diffusion.model.register_forward_pre_hook(lambda module, inputs: seen.append(
+        (torch.is_autocast_enabled("cpu"), inputs[0].shape[0])))
+
+    def time_call(call, device):            # one call, a fixed time
+        call()
+        return 0.5
+    monkeypatch.setattr(app, "time_call", time_call)
+    assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 2.0) == (10 * 0.5, 8)
+    assert seen == [(True, 8)]              # one call, in bf16, at batch 2n for guidance
 
 
 def test_without_checkpoints_the_page_says_how_to_train_one(tmp_path):
