@@ -28,11 +28,11 @@ import gradio as gr
 import torch
 
 from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
-from device import pick_device, synchronize as sync, time_call
+from device import pick_device, synchronize as sync
 from data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from images import make_grid, to_pil, to_uint8
-from sampling import SamplingError, resolve_sampling
+from sampling import SamplingError, estimate_seconds as sampling_seconds, resolve_sampling
 
 # ----------------------------------------------------------------------------- the page's limits
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
@@ -208,16 +208,12 @@ class App:
     # ------------------------------------------------------------------ time estimate
 
     def seconds_per_call(self, info, batch):
-        """Time one network call at this batch size (cached per checkpoint, device and batch)."""
+        """Time one network call at this batch size (cached per checkpoint, device and batch), the
+        way generate.py times it: through diffusion.network, in bf16 where sampling runs in bf16."""
         key = (info["path"], str(self.device), batch)
         if key not in self.call_seconds:
             diffusion = self.models.get(info["path"], self.device)
-            shape = (batch, info["channels"], info["image_size"], info["image_size"])
-            x = torch.randn(shape, device=self.device)
-            t = torch.full((batch,), info["T"] - 1, device=self.device, dtype=torch.long)
-            labels = torch.zeros(batch, dtype=torch.long, device=self.device) if info["num_classes"] else None
-            with torch.no_grad():       # through network(): in bf16 where sampling runs in bf16
-                self.call_seconds[key] = time_call(lambda: diffusion.network(x, t, labels), self.device)
+            self.call_seconds[key] = sampling_seconds(diffusion, batch, n=batch, calls=1)
         return self.call_seconds[key]
 
     def estimate_seconds(self, info, calls, n, guidance):

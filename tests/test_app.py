@@ -12,6 +12,7 @@ from gradio_client import Client
 from PIL import Image
 
 import app
+import sampling
 from conftest import free_port, make_checkpoint
 
 T = 20          # the tiny checkpoints' timesteps
@@ -148,7 +149,7 @@ def test_the_estimate_times_the_network_as_sampling_runs_it(tmp_path, monkeypatc
     def time_call(call, device):            # one call, a fixed time
         call()
         return 0.5
-    monkeypatch.setattr(app, "time_call", time_call)
+    monkeypatch.setattr(sampling, "time_call", time_call)
     assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 2.0) == (10 * 0.5, 8)
     assert seen == [(True, 8)]              # one call, in bf16, at batch 2n for guidance
 
