@@ -27,12 +27,12 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
-from device import pick_device, synchronize as sync
-from data import default_class_names
+from plumbing.checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
+from plumbing.device import pick_device, synchronize as sync
+from plumbing.data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
-from images import make_grid, to_pil, to_uint8
-from sampling import SamplingError, estimate_seconds as sampling_seconds, resolve_sampling
+from plumbing.images import make_grid, to_pil, to_uint8
+from plumbing.sampling import SamplingError, estimate_seconds as sampling_seconds, resolve_sampling
 
 # ----------------------------------------------------------------------------- the page's limits
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt

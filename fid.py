@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError
-from data import dataset_slug, load_image_folder, load_npz, load_split
-from device import pick_device
-from inception import Inception, InceptionError, get_inception
-from images import save_grid
-from metrics import PROXY_LABEL, copy_check, reference_stats, score
-from proxy import ProxyError, get_proxy, train_proxy
-from sampling import add_sampling_args, sample_from_args
+from plumbing.checkpoint import CheckpointError
+from plumbing.data import dataset_slug, load_image_folder, load_npz, load_split
+from plumbing.device import pick_device
+from scoring.inception import Inception, InceptionError, get_inception
+from plumbing.images import save_grid
+from scoring.metrics import PROXY_LABEL, copy_check, reference_stats, score
+from scoring.proxy import ProxyError, get_proxy, train_proxy
+from plumbing.sampling import add_sampling_args, sample_from_args
 
 
 # ----------------------------------------------------------------------------- images in

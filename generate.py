@@ -14,7 +14,7 @@ comes from the config stored in the checkpoint; the flags only choose how to sam
 classes in turn (image i has class i mod K), so a grid with K columns shows one class per column.
 """
 
-from sampling import build_parser, sample_from_args, write_outputs
+from plumbing.sampling import build_parser, sample_from_args, write_outputs
 
 
 def main(argv=None):

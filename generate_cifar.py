@@ -17,9 +17,9 @@ or on a fresh clone the shipped pretrained/cifar10.pt. All other flags are gener
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import default_class_names
-from images import ensure_parent, make_grid, to_pil
-from sampling import build_parser, sample_from_args, write_outputs
+from plumbing.data import default_class_names
+from plumbing.images import ensure_parent, make_grid, to_pil
+from plumbing.sampling import build_parser, sample_from_args, write_outputs
 
 GRID = "samples/<run>_grid_<sampler><steps>.png"      # the default grid path
 

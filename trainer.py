@@ -34,14 +34,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-import data
-from checkpoint import CheckpointError, RunLock, check_writable, load_checkpoint, make_config, save_run
-from budget import Budget, budget_reached, learning_rate, probe_inputs, progress_now, project
-from device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
+from plumbing import data
+from plumbing.checkpoint import CheckpointError, RunLock, check_writable, load_checkpoint, make_config, save_run
+from plumbing.budget import Budget, budget_reached, learning_rate, probe_inputs, progress_now, project
+from plumbing.device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
 from diffusion import GaussianDiffusion
 from ema import EMA
-from runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
-from train_args import check_consistent, parse_args, resolve_resume
+from plumbing.runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
+from plumbing.train_args import check_consistent, parse_args, resolve_resume
 from unet import UNet, forward_flops
 
 # ----------------------------------------------------------------------------- the run's state

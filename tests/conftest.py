@@ -57,7 +57,7 @@ def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=
     The zero-initialised output layers are filled with small random values so that the output
     depends on x_t, t and the label (a fresh model would predict exactly 0 everywhere).
     """
-    from checkpoint import build_diffusion, save_checkpoint
+    from plumbing.checkpoint import build_diffusion, save_checkpoint
 
     if num_classes and class_names is None:
         class_names = [str(i) for i in range(num_classes)]

@@ -12,7 +12,7 @@ from gradio_client import Client
 from PIL import Image
 
 import app
-import sampling
+from plumbing import sampling
 from conftest import free_port, make_checkpoint
 
 T = 20          # the tiny checkpoints' timesteps
@@ -179,8 +179,8 @@ def test_page_without_checkpoints_is_served(tmp_path):
 
 
 def test_a_shipped_model_is_half_precision_opens_without_training_and_names_its_quality(tmp_path, capsys):
-    import ship
-    from checkpoint import load_for_sampling
+    from tools import ship
+    from plumbing.checkpoint import load_for_sampling
     make_checkpoint(tmp_path / "run" / "cifar10_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=3)
     trained = torch.load(tmp_path / "run" / "cifar10_ema.pt", weights_only=True)
     trained["config"].setdefault("train", {}).update(ckpt_dir="/home/me/runs", sample_dir="/home/me/s", log_dir="/x",

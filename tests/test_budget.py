@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import budget
+from plumbing import budget
 import train_celeba
 import train_cifar
 import train_mnist

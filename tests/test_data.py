@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from plumbing import data
 from conftest import ROOT
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import device
+from plumbing import device
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:1"])

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import fid
-import metrics
+from scoring import metrics
 
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from plumbing import data
 import generate
 import generate_cifar
-import sampling
+from plumbing import sampling
 
 
 def run(ckpt, tmp_path, *flags):
@@ -228,7 +228,7 @@ def test_churn_is_only_for_edm(tiny_checkpoint):
 def test_amp_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_checkpoint, monkeypatch):
     """With diffusion.amp the network's matmuls run in bf16 and its output comes back float32, close
     to the float32 network's; load_for_sampling(amp=False) and --no-amp keep float32 everywhere."""
-    from checkpoint import load_for_sampling
+    from plumbing.checkpoint import load_for_sampling
     ckpt = tiny_checkpoint()
     diffusion, _ = load_for_sampling(ckpt, "cpu", amp=False)
     assert diffusion.amp is False
@@ -259,7 +259,7 @@ def test_clip_denoised_follows_the_checkpoint_unless_a_flag_says_otherwise(tiny_
     --no-clip-denoised does not; --clip-denoised / --no-clip-denoised override either, and the resolved
     settings line says which ran."""
     import train_mnist
-    from checkpoint import load_for_sampling
+    from plumbing.checkpoint import load_for_sampling
     assert train_mnist.DEFAULTS["clip_denoised"] is False
     old, new = tiny_checkpoint("old.pt"), tiny_checkpoint("new.pt", clip_denoised=False)
     assert load_for_sampling(old)[0].clip_denoised is True and load_for_sampling(new)[0].clip_denoised is False
@@ -275,7 +275,7 @@ def test_clip_denoised_follows_the_checkpoint_unless_a_flag_says_otherwise(tiny_
 
 
 def test_without_ckpt_the_trained_model_else_the_shipped_one(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import ship
+    from tools import ship
     ckpt = tiny_checkpoint(num_classes=3, class_names=["a", "b", "c"], channels=3, dataset="cifar10")
     monkeypatch.chdir(tmp_path)
     flags = ["--n", "3", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--no-grid", "--npz", "s.npz"]

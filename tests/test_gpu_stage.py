@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import gpu_stage
+from tools import gpu_stage
 
 
 def test_mosaic_round_trip_is_exact():
@@ -24,7 +24,7 @@ def test_rehearsal_runs_every_part_and_returns_what_fits(data_dir, tmp_path, mon
     total = gpu_stage.prepare(data_dir, wheels=False)
     assert total < 45 * 2**20                                # the data leaves room for the wheels in 64 MiB
     decoded = gpu_stage.decode_jpeg(gpu_stage.CIFAR_JPEG, 50000, 32)
-    import data
+    from plumbing import data
     original = data.load_dataset("cifar10", data_dir)[0][:2000].permute(0, 2, 3, 1).numpy().astype(float)
     assert np.sqrt(((decoded[:2000] - original) ** 2).mean()) < 3.0          # q95 4:4:4: RMSE ≈ 1.2 / 255
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import inception
-from inception import InceptionError
+from plumbing import checkpoint
+from scoring import inception
+from scoring.inception import InceptionError
 
 # ----------------------------------------------------------------------------- the cache folder
 
@@ -294,7 +294,7 @@ def test_converted_weights_give_the_torchscripts_features(dataset, data_dir):
     far below any mapping mistake (a swapped or mis-normalised layer moves features by O(0.1-1))."""
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-    from data import load_dataset
+    from plumbing.data import load_dataset
     script, converted = real_files()
     torch.set_num_threads(2)                        # conftest pins 1; it restores the count afterwards
     images, _, _ = load_dataset(dataset, data_dir, train=False)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 import train_mnist
 from conftest import ROOT, TINY, run
 

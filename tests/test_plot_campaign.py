@@ -1,4 +1,4 @@
-"""docs/plot_campaign.py: the campaign plot's top axis gives each sitting's own CPU-hours, and the
+"""tools/plot_campaign.py: the campaign plot's top axis gives each sitting's own CPU-hours, and the
 plot is drawn from a record in the format docs/results/*_campaign.csv keep."""
 
 import csv
@@ -8,7 +8,7 @@ import numpy as np
 
 from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("plot_campaign", ROOT / "docs" / "plot_campaign.py")
+spec = importlib.util.spec_from_file_location("plot_campaign", ROOT / "tools" / "plot_campaign.py")
 plot_campaign = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot_campaign)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fid
-import metrics
-import proxy
-from data import load_split
+from scoring import metrics
+from scoring import proxy
+from plumbing.data import load_split
 from diffusion import DEFAULT_SAMPLER
 
 
@@ -38,7 +38,7 @@ def test_proxy_features_real_vs_real_small_real_vs_noise_large(mnist_proxy, data
 
 
 def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
-    from checkpoint import load_for_sampling
+    from plumbing.checkpoint import load_for_sampling
     diffusion, config = load_for_sampling(tiny_checkpoint(num_classes=10, class_names=[str(i) for i in range(10)]))
     ckpt_dir = tmp_path / "ck"
     m = metrics.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,

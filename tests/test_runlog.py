@@ -4,7 +4,7 @@ progress bar on --max-minutes' clock, and an end-of-run grid sized from the meas
 
 import pytest
 
-import runlog
+from plumbing import runlog
 import train_mnist
 from conftest import run
 

@@ -15,12 +15,12 @@ import sys
 import pytest
 import torch
 
-import budget
+from plumbing import budget
 import train_celeba
 import train_cifar
 import train_mnist
 import trainer
-from checkpoint import load_for_sampling
+from plumbing.checkpoint import load_for_sampling
 from conftest import ROOT, TINY, run, tensors_equal
 
 
@@ -217,7 +217,7 @@ def test_eval_hook_logs_proxy_metrics_without_touching_the_training_rng(data_dir
         torch.randn(100)                                  # draws from the global RNG, as sampling does
         return {"proxy_fid": 12.5, "confident": 0.75, "coverage": None, "sampler": "ddim"}
 
-    monkeypatch.setitem(sys.modules, "metrics", types.SimpleNamespace(proxy_metrics=proxy_metrics))
+    monkeypatch.setitem(sys.modules, "scoring.metrics", types.SimpleNamespace(proxy_metrics=proxy_metrics))
     with_eval = run(train_mnist, tmp_path / "eval", "--steps", "2", "--eval-every", "1", "--eval-samples", "7")
     without = run(train_mnist, tmp_path / "plain", "--steps", "2")
     assert calls == [("mnist", 7, str(with_eval))] * 2

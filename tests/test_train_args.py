@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-import checkpoint
-import train_args
+from plumbing import checkpoint
+from plumbing import train_args
 import train_mnist
 from diffusion import DEFAULT_STEPS
 

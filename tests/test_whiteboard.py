@@ -1,13 +1,13 @@
 """docs/whiteboard.md quotes, for every equation, the line of code that computes it and names
 that line's number. These tests keep the page true: each quoted line must stand, word for word
-(its trailing comment may be left out), at the line it names. `python docs/whiteboard.py`
+(its trailing comment may be left out), at the line it names. `python -m tools.whiteboard`
 renumbers moved lines; a changed line still fails here."""
 
 import importlib.util
 
 from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("whiteboard", ROOT / "docs" / "whiteboard.py")
+spec = importlib.util.spec_from_file_location("whiteboard", ROOT / "tools" / "whiteboard.py")
 whiteboard = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(whiteboard)
 
@@ -32,7 +32,7 @@ def test_each_whiteboard_line_number_points_at_the_quoted_code():
         found = whiteboard.where(file, code)
         assert found, f"{file}: the whiteboard quotes `{code}`, which is no longer in the file"
         assert int(lineno) in found, (f"{file}: `{code}` is at line {found}, the whiteboard says L{lineno}; "
-                                      "run python docs/whiteboard.py")
+                                      "run python -m tools.whiteboard")
 
 
 def test_the_rewrite_script_renumbers_a_moved_line_and_refuses_a_changed_one(tmp_path):

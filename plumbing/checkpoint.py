@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from device import bf16_fast
+from plumbing.device import bf16_fast
 from diffusion import GaussianDiffusion
 from unet import UNet
 

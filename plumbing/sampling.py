@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, load_for_sampling
-from data import default_class_names
-from device import pick_device, synchronize, time_call
+from plumbing.checkpoint import CheckpointError, load_for_sampling
+from plumbing.data import default_class_names
+from plumbing.device import pick_device, synchronize, time_call
 from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from images import save_gif, save_grid, save_npz, save_pngs, to_uint8
+from plumbing.images import save_gif, save_grid, save_npz, save_pngs, to_uint8
 
 
 def classes_in_turn(n, num_classes):

@@ -1,6 +1,6 @@
 """Plot a training campaign's FID against its compute, from its record in docs/results/.
 
-    python docs/plot_campaign.py docs/results/cifar10_campaign.csv     # -> docs/results/cifar10_campaign.png
+    python -m tools.plot_campaign docs/results/cifar10_campaign.csv     # -> docs/results/cifar10_campaign.png
 
 The record has one row per sitting and score: sitting, steps, images, pflop, hours, fid, kid, n,
 floor, sampler, calls, and optionally floor_n (the floor's n, when it is not the samples' n: the

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import file_hash, load_checkpoint, save_checkpoint
-from data import dataset_slug, flip_where, load_split, match_channels, resize_images, subset
-from images import to_model_range
+from plumbing.checkpoint import file_hash, load_checkpoint, save_checkpoint
+from plumbing.data import dataset_slug, flip_where, load_split, match_channels, resize_images, subset
+from plumbing.images import to_model_range
 
 PROXY_EPOCHS = {"mnist": 2, "cifar10": 15}  # others (faces, folders): PROXY_EPOCHS_DEFAULT
 PROXY_EPOCHS_DEFAULT = 10

@@ -16,12 +16,12 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from checkpoint import atomic_write
-from data import dataset_slug, load_split
+from plumbing.checkpoint import atomic_write
+from plumbing.data import dataset_slug, load_split
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
-from inception import Inception
-from proxy import get_proxy
-from sampling import resolve_sampling, sample_images
+from scoring.inception import Inception
+from scoring.proxy import get_proxy
+from plumbing.sampling import resolve_sampling, sample_images
 
 PROXY_LABEL = "proxy FID (not comparable with papers)"
 KID_REF_FEATURES = 10000                   # reference features kept in the cache for KID

@@ -1,9 +1,9 @@
 """The GPU stage in one command: CIFAR-10 (FID ≤ 35 in ≤ 6 minutes), 64×64 faces, and a speed table.
 
-    python gpu_stage.py --prepare                     # here, once: pack data + wheels into .gpu/ (≤ 64 MiB)
-    python gpu_stage.py --out $OUT                    # on the GPU machine: everything, within 8 minutes
-    python gpu_stage.py --score runs/gpu_stage        # here: FID / proxy FID of the returned samples
-    python gpu_stage.py --device cpu --tiny --out runs/rehearsal    # the same command, tiny, in < 2 min
+    python -m tools.gpu_stage --prepare                     # here, once: pack data + wheels into .gpu/ (≤ 64 MiB)
+    python -m tools.gpu_stage --out $OUT                    # on the GPU machine: everything, within 8 minutes
+    python -m tools.gpu_stage --score runs/gpu_stage        # here: FID / proxy FID of the returned samples
+    python -m tools.gpu_stage --device cpu --tiny --out runs/rehearsal    # the same command, tiny, in < 2 min
 
 The minutes on the GPU (8 in all; machine start-up comes on top), in order of priority:
     CIFAR-10   5 min of training (torch.compile included), then 10,000 samples (about 0.5 min)
@@ -86,7 +86,7 @@ def decode_jpeg(path, n, size):
 def prepare(data_dir=None, wheels=True):
     """Pack what the GPU machine needs into .gpu/ and check that it fits one carry (64 MiB).
     wheels=False: the data only (the rehearsal test; diffusers is then the local one)."""
-    import data
+    from plumbing import data
     PACK.mkdir(exist_ok=True)
     cifar, labels, _ = data.load_dataset("cifar10", data_dir)
     encode_jpeg(cifar.permute(0, 2, 3, 1).numpy(), CIFAR_JPEG)
@@ -155,9 +155,9 @@ def train(script, name, dataset, minutes, flags, work, device, tiny):
 
 def sample(ckpt, n, sampler, steps, device, batch, compile_model):
     """n images from an EMA checkpoint in bf16 -> (uint8 (n, H, W, C), seconds)."""
-    from checkpoint import load_for_sampling
-    from device import synchronize
-    from sampling import sample_images
+    from plumbing.checkpoint import load_for_sampling
+    from plumbing.device import synchronize
+    from plumbing.sampling import sample_images
     diffusion, config = load_for_sampling(ckpt, device)
     if compile_model:
         diffusion.model = torch.compile(diffusion.model)
@@ -170,7 +170,7 @@ def sample(ckpt, n, sampler, steps, device, batch, compile_model):
 def run(args):
     import train_celeba
     import train_cifar
-    from images import save_grid
+    from plumbing.images import save_grid
     t_start = time.time()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def run(args):
     # 3. speed, if it fits
     if left() > 10:
         install_diffusers()
-        import benchmark
+        from tools import benchmark
         summary["speed"] = benchmark.table(device, batch=8 if args.tiny else 128, tiny=args.tiny, budget_s=left() - 5)
     else:
         summary["speed"] = f"skipped: {left():.0f} s left"
@@ -262,7 +262,7 @@ def main(argv=None):
     if args.score:
         return score(args.score, args.data_dir)
     if not CIFAR_JPEG.exists():
-        raise SystemExit("error: .gpu/ is not packed; run python gpu_stage.py --prepare first (here, not on the GPU)")
+        raise SystemExit("error: .gpu/ is not packed; run python -m tools.gpu_stage --prepare first (here, not on the GPU)")
     return run(args)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, cache_dir
-from images import to_model_range
+from plumbing.checkpoint import atomic_write, cache_dir
+from plumbing.images import to_model_range
 
 def default_class_names(num_classes, names=None):
     """names if there is one per class, else "0", "1", …: what a model's classes are called."""

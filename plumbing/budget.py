@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from device import synchronize
+from plumbing.device import synchronize
 
 
 class Budget:

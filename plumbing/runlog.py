@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from images import make_grid, save_grid, to_uint8
-from sampling import classes_in_turn
+from plumbing.images import make_grid, save_grid, to_uint8
+from plumbing.sampling import classes_in_turn
 
 FINAL_GRID_SHARE = 0.03        # the end-of-run grid may cost at most this share of the run's time
 
@@ -162,7 +162,7 @@ def draw_grid(run, n=None):
 def evaluate(run):
     """The proxy FID of a run's EMA model (metrics.proxy_metrics) into eval.csv; a failure never ends the run."""
     try:
-        from metrics import proxy_metrics
+        from scoring.metrics import proxy_metrics
     except ImportError as e:
         tqdm.write(f"--eval-every: cannot import metrics.py ({e}); evaluation is off for this run")
         run.args.eval_every = 0

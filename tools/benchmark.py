@@ -1,9 +1,9 @@
 """Speed of the training step and of sampling, for each trainer's default model. Prints numbers;
 asserts nothing (speed targets live here, never in the unit tests).
 
-    python benchmark.py                                  # all three default configs, this machine
-    python benchmark.py --config cifar --batch-size 128 --compile   # the DDPM CIFAR-10 model on a GPU
-    python benchmark.py --config mnist --threads 2 --steps 20
+    python -m tools.benchmark                                  # all three default configs, this machine
+    python -m tools.benchmark --config cifar --batch-size 128 --compile   # the DDPM CIFAR-10 model on a GPU
+    python -m tools.benchmark --config mnist --threads 2 --steps 20
 
 A training step is what trainer.py does per batch: loss (eq. 14), backward, gradient clipping,
 AdamW, EMA update, on random images of the right shape (the data pipeline is not timed). The
@@ -21,11 +21,11 @@ import torch
 import train_celeba
 import train_cifar
 import train_mnist
-from checkpoint import model_settings
-from device import autocast as bf16_autocast, bf16_fast, cuda_fast_settings, pick_device, synchronize as sync
+from plumbing.checkpoint import model_settings
+from plumbing.device import autocast as bf16_autocast, bf16_fast, cuda_fast_settings, pick_device, synchronize as sync
 from diffusion import GaussianDiffusion
 from ema import EMA
-from train_args import parse_args
+from plumbing.train_args import parse_args
 from unet import UNet, forward_flops
 
 # bf16 dense tensor-core peaks in TFLOP/s (NVIDIA data sheets, without sparsity), by words in the name

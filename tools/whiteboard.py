@@ -1,6 +1,6 @@
 """Keep docs/whiteboard.md's line numbers true: each row quotes a line of code and names its line.
 
-    python docs/whiteboard.py          # rewrite every row's L<n> to where its quoted line stands now
+    python -m tools.whiteboard          # rewrite every row's L<n> to where its quoted line stands now
 
 A moved line gets its new number; a quoted line that changed or vanished is not guessed at: the
 script names it and exits with 1 (and tests/test_whiteboard.py fails on it until the row is fixed).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "whiteboard.md"
-ROW = re.compile(r"\[(\w+\.py):L(\d+)\]\(\.\./\1#L\2\) \| `(.+)` \|\s*$")
+ROW = re.compile(r"\[([\w/]+\.py):L(\d+)\]\(\.\./\1#L\2\) \| `(.+)` \|\s*$")
 
 
 def rows(text):

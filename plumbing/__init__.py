@@ -1,0 +1,1 @@
+"""Plumbing: data, the checkpoint format, files and locks, devices, flags, the sitting clock, run logs, image I/O."""

@@ -1,0 +1,1 @@
+"""Scoring: the Inception-v3 network, the proxy CNN, and the FID / KID maths."""
