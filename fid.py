@@ -117,6 +117,24 @@ def copies(images, dataset, args, pairs=8):
     return {k: c[k] for k in ("threshold", "near_copy_share", "sample_median", "held_out_median")}
 
 
+def images_to_score(args, parser):
+    """--ckpt: sample it now; --samples: read them (--first of them) -> (uint8 (N, C, H, W), the dataset
+    to compare against, what is known of how they were sampled)."""
+    if args.ckpt:
+        images, _, resolved, config, _ = sample_from_args(args)
+        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"]}
+        return torch.from_numpy(images).permute(0, 3, 1, 2), args.dataset or config["dataset"], meta
+    images, meta = load_samples(args.samples)
+    if args.first is not None:
+        if not 1 <= args.first <= len(images):
+            parser.error(f"--first {args.first}: {args.samples} holds {len(images)} images; give 1 … {len(images)}")
+        images = images[:args.first]
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        parser.error("--samples needs --dataset (mnist, cifar10, faces, a folder or an .npz) to compare against")
+    return images, dataset, meta
+
+
 def _main(args, parser):
     if args.get_inception:
         get_inception()
@@ -131,21 +149,7 @@ def _main(args, parser):
         parser.error("give exactly one of --samples (a folder or .npz) or --ckpt (sample a checkpoint now)")
     if args.first is not None and not args.samples:
         parser.error("--first is for --samples; with --ckpt, --n says how many images to sample")
-
-    if args.ckpt:
-        images, _, resolved, config, _ = sample_from_args(args)
-        images = torch.from_numpy(images).permute(0, 3, 1, 2)
-        dataset = args.dataset or config["dataset"]
-        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"]}
-    else:
-        images, meta = load_samples(args.samples)
-        if args.first is not None:
-            if not 1 <= args.first <= len(images):
-                parser.error(f"--first {args.first}: {args.samples} holds {len(images)} images; give 1 … {len(images)}")
-            images = images[:args.first]
-        dataset = args.dataset or meta.get("dataset")
-        if not dataset:
-            parser.error("--samples needs --dataset (mnist, cifar10, faces, a folder or an .npz) to compare against")
+    images, dataset, meta = images_to_score(args, parser)
     n = len(images)
     size = images.shape[-1]
 

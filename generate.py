@@ -14,13 +14,44 @@ comes from the config stored in the checkpoint; the flags only choose how to sam
 classes in turn (image i has class i mod K), so a grid with K columns shows one class per column.
 """
 
-from plumbing.sampling import build_parser, sample_from_args, write_outputs
+import time
+
+import numpy as np
+import torch
+
+from plumbing.images import to_uint8
+from plumbing.sampling import (batches, build_parser, gif_every, open_from_args, settings_from_args, timed,
+                               write_outputs)
 
 
 def main(argv=None):
     args = build_parser(__doc__).parse_args(argv)
-    images, labels, resolved, config, trajectory = sample_from_args(args)
-    write_outputs(args, images, labels, resolved, config, trajectory)
+
+    # 1. The checkpoint: the UNet and GaussianDiffusion rebuilt from the config it stores, EMA weights.
+    diffusion, config = open_from_args(args)
+
+    # 2. The sampler: --sampler and --steps (default: ancestral DDPM on 50 of the T steps), the labels
+    #    (--class, else the classes in turn), guidance; checked against this model and printed.
+    settings, labels, resolved = settings_from_args(args, diffusion, config)
+
+    # 3. Batch by batch: x_T ~ N(0, I), then the sampler's reverse steps (diffusion.sample). All the
+    #    noise comes from one CPU generator, so a seed gives the same images on every device.
+    generator = torch.Generator().manual_seed(args.seed)
+    keep_every = gif_every(args, settings["steps"])         # --gif: the first batch's x_t and x̂_0 along the way
+    images, trajectory = [], None
+    t0 = time.perf_counter()
+    for b, y in batches(args.n, args.batch_size, labels, diffusion.betas.device):
+        if keep_every and trajectory is None:
+            x, trajectory = diffusion.sample(b, labels=y, generator=generator, trajectory_every=keep_every, **settings)
+        else:
+            x = diffusion.sample(b, labels=y, generator=generator, **settings)       # (b, C, H, W) in [−1, 1]
+        images.append(to_uint8(x))                                                   # (b, H, W, C) uint8
+        if args.n > args.batch_size:
+            print(f"  {sum(map(len, images))}/{args.n} images")
+    timed(resolved, args.n, t0, diffusion.betas.device)
+
+    # 4. The images: the grid, and --out PNGs, --npz, --gif as asked.
+    write_outputs(args, np.concatenate(images), labels, resolved, config, trajectory)
 
 
 if __name__ == "__main__":

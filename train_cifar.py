@@ -44,7 +44,7 @@ PRESETS = {
 
 
 def main(argv=None):
-    trainer.main(DEFAULTS, argv, PRESETS, description=__doc__)
+    trainer.train(DEFAULTS, argv, PRESETS, description=__doc__)
 
 
 if __name__ == "__main__":

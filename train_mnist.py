@@ -29,7 +29,7 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    trainer.main(DEFAULTS, argv, description=__doc__)
+    trainer.train(DEFAULTS, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
     target: ε (DDPM), x_0 or v (--objective); w_t = 1 (L_simple) or Min-SNR-γ (--loss-weighting)
         θ_ema ← d·θ_ema + (1 − d)·θ
 
-sitting() reads top to bottom: set-up (build_run), the loop of train_step (Algorithm 1) and
-periodic_jobs (log, grid, evaluation, checkpoint), the end (finish). The command line is
-train_args.py; the budget over sittings is budget.py; what a run shows is runlog.py.
+train() reads top to bottom: the flags, set-up (build_run), the loop of train_step (Algorithm 1)
+and periodic_jobs (log, grid, evaluation, checkpoint), the end (finish):
+    python train_cifar.py -> train_cifar.main -> trainer.train -> train_step -> diffusion.loss
+The command line is plumbing/train_args.py; the budget over sittings is plumbing/budget.py; what a
+run shows is plumbing/runlog.py.
 
 Outputs (only rank 0 writes):
     <ckpt-dir>/<run>.pt, <run>_ema.pt       full state for --resume; EMA weights for sampling
@@ -35,8 +37,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from plumbing import data
-from plumbing.checkpoint import CheckpointError, RunLock, check_writable, load_checkpoint, make_config, save_run
-from plumbing.budget import Budget, budget_reached, learning_rate, probe_inputs, progress_now, project
+from plumbing.checkpoint import make_config, save_run
+from plumbing.files import CheckpointError, RunLock, check_writable, load_checkpoint
+from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reached, images_until_pflop, learning_rate,
+                             probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
 from plumbing.device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
 from diffusion import GaussianDiffusion
 from ema import EMA
@@ -45,6 +49,10 @@ from plumbing.train_args import check_consistent, parse_args, resolve_resume
 from unet import UNet, forward_flops
 
 # ----------------------------------------------------------------------------- the run's state
+
+# Run.sums, kept on the device since the last log row: the loss, the gradient norm and the number of
+# finite steps; and the non-finite steps since the last look, with the current run of them in a row.
+SUMS = LOSS, GRAD_NORM, FINITE, NONFINITE, STREAK = range(5)
 
 class Run:
     """Everything one training run holds: model, EMA, optimiser, data stream, counters; and what uses
@@ -70,13 +78,12 @@ class Run:
         # CUDA: a step never waits for the host; elsewhere the skip decision is a free host check.
         self.sync_free = device.type == "cuda" or args.debug_sync_free
         self.amp = autocast(device, args.amp)      # bf16 where it is fast (device.bf16_fast), else a no-op
-        # Device-side sums since the last log row: loss, grad norm, finite steps; and non-finite steps
-        # since the last look, with the current run of them in a row.
-        self.sums = torch.zeros(5, device=device)
+        self.sums = torch.zeros(len(SUMS), device=device)     # SUMS, on the device: a step never waits
+        self.log_folder = Path(args.log_dir) / args.run_name
 
     @property
     def train_flops(self):
-        return 3 * self.flops_per_image * self.images_seen        # forward + backward ≈ 3 forwards
+        return training_flops(self.flops_per_image, self.images_seen)      # forward + backward ≈ 3 forwards
 
     def apply_step(self, loss, grad_norm):
         """DDPM Alg. 1's gradient step on θ and the EMA update, unless the gradient is not finite."""
@@ -89,21 +96,21 @@ class Run:
             self.opt.step()                                             # Alg. 1: gradient step on θ
             self.ema.update(self.model)                                 # θ_ema ← d·θ_ema + (1 − d)·θ
         bad = (~ok).float()
-        finite = torch.stack([loss.detach().float(), grad_norm.detach().float()]).nan_to_num(0.0, 0.0, 0.0)
-        self.sums[:2] += finite * (1 - bad)
-        self.sums[2] += 1 - bad
-        self.sums[3] += bad
-        self.sums[4] = (self.sums[4] + 1) * bad                         # non-finite steps in a row
+        self.sums[LOSS] += loss.detach().float().nan_to_num(0.0, 0.0, 0.0) * (1 - bad)
+        self.sums[GRAD_NORM] += grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0) * (1 - bad)
+        self.sums[FINITE] += 1 - bad
+        self.sums[NONFINITE] += bad
+        self.sums[STREAK] = (self.sums[STREAK] + 1) * bad                # non-finite steps in a row
 
     def read_nans(self, say):
         """Bring the device's count of non-finite steps to the host (a synchronisation): report them,
         and abort after --max-nan-steps in a row. The weights were never touched by them."""
-        new, streak = (int(v) for v in self.sums[3:].tolist())
+        new, streak = (int(v) for v in self.sums[[NONFINITE, STREAK]].tolist())
         self.nan_streak = streak
         if not new:
             return
         self.nan_skipped += new
-        self.sums[3] = 0
+        self.sums[NONFINITE] = 0
         say(f"step {self.step}: {new} non-finite step(s) skipped ({streak} in a row, {self.nan_skipped} in all)")
         if streak >= self.args.max_nan_steps:
             raise SystemExit(f"aborting: {streak} non-finite steps in a row at step {self.step}. The weights were "
@@ -112,8 +119,8 @@ class Run:
 
     def log_row(self, lr, img_s):
         """The log row of the steps since the last one (reads the device sums: a synchronisation)."""
-        loss_sum, gnorm_sum, n_ok = self.sums[:3].tolist()
-        self.sums[:3] = 0
+        loss_sum, gnorm_sum, n_ok = self.sums[[LOSS, GRAD_NORM, FINITE]].tolist()
+        self.sums[[LOSS, GRAD_NORM, FINITE]] = 0
         return {"step": self.step, "loss": loss_sum / n_ok if n_ok else math.nan,
                 "grad_norm": gnorm_sum / n_ok if n_ok else math.nan, "lr": lr, "img_per_s": img_s,
                 "minutes": self.train_seconds / 60, "images": self.images_seen, "pflop": self.train_flops / 1e15,
@@ -149,12 +156,18 @@ class Run:
     def ema_path(self):
         return self.ckpt_path.with_name(f"{self.args.run_name}_ema.pt")
 
+    def ema_now(self):
+        """The EMA weights copied into ema_model -> ema_diffusion, to sample grids and evaluations from."""
+        self.ema.copy_to(self.ema_model)
+        return self.ema_diffusion
+
 
 # ----------------------------------------------------------------------------- set-up
 
-def build_run(args, explicit, device, rank, world, say, lock):
-    """Output folders checked, the run's lock taken, then data, model, optimiser, EMA, and on --resume
-    their saved state -> Run."""
+def open_run_files(args, explicit, rank, say, lock):
+    """Before any work: --resume's checkpoint read (or an existing one refused), the settings checked,
+    the output folders checked, the run's lock taken -> (checkpoint path, checkpoint or None, the
+    folders and lock file the lock made, to remove if the data then fails to load)."""
     ckpt_path = Path(args.ckpt_dir) / f"{args.run_name}.pt"
     ckpt = None
     if args.resume:
@@ -178,6 +191,7 @@ def build_run(args, explicit, device, rank, world, say, lock):
                              (args.log_dir, "--log-dir")):
             check_writable(folder, flag)          # before hours of training, not at the first save
     made = [p for p in [ckpt_path.parent, *ckpt_path.parent.parents] if not p.exists()]   # folders the lock makes
+    lock_made = not lock.path.exists()                                                    # and the lock file
     if rank == 0:
         try:
             note = lock.acquire()
@@ -185,15 +199,21 @@ def build_run(args, explicit, device, rank, world, say, lock):
             raise SystemExit(f"error: {e}") from None
         if note:
             say(f"=== {note}")
+    return ckpt_path, ckpt, (made, lock_made)
 
+
+def load_data(args, device, rank, world, say, lock, made):
+    """The dataset, its classes and the data stream -> (images, class_names, num_classes, Batches).
+    A dataset that fails to load leaves no lock file or empty folder behind."""
     say(f"=== loading {args.dataset} …")
+    folders, lock_made = made
     try:
         images, labels, class_names = data.load_dataset(args.dataset, args.data_dir, args.image_size, train=True)
     except (FileNotFoundError, ValueError) as e:
-        if made:                                  # leave no empty folder behind
+        if folders or lock_made:                  # leave no lock file or empty folder behind
             lock.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                for folder in made:
+                for folder in folders:
                     folder.rmdir()
         raise SystemExit(f"error: {e}") from None
     images, labels = data.subset(images, labels, args.limit_data)
@@ -205,13 +225,21 @@ def build_run(args, explicit, device, rank, world, say, lock):
         class_names = data.default_class_names(num_classes, class_names)
     else:
         class_names = None     # an unconditional model knows no classes
-    config = make_config(args, images, class_names, num_classes)
     try:
         batches = data.Batches(images, labels if args.class_cond else None, args.batch_size, seed=args.seed,
                                flip=args.flip, device=device, rank=rank, world_size=world,
                                num_workers=args.num_workers)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    return images, class_names, num_classes, batches
+
+
+def build_run(args, explicit, device, rank, world, say, lock):
+    """Output folders checked, the run's lock taken, then data, model, optimiser, EMA, and on --resume
+    their saved state -> Run."""
+    ckpt_path, ckpt, made = open_run_files(args, explicit, rank, say, lock)
+    images, class_names, num_classes, batches = load_data(args, device, rank, world, say, lock, made)
+    config = make_config(args, images, class_names, num_classes)
 
     torch.manual_seed(args.seed)
     model = UNet(**config["model"]).to(device)
@@ -227,22 +255,8 @@ def build_run(args, explicit, device, rank, world, say, lock):
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path)
-
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
-        batches.load_state_dict(ckpt["data_state"])
-        run.step, run.nan_skipped, run.nan_streak = ckpt["step"], ckpt["nan_skipped"], ckpt["nan_streak"]
-        run.saved_step = run.step
-        run.train_seconds = ckpt.get("train_seconds", 0.0)
-        run.images_seen = ckpt.get("images_seen", run.step * args.batch_size)   # older checkpoints: one batch size
-        run.progress = ckpt.get("progress", run.step / args.steps)
-        states = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        else:                       # resumed on another number of processes: fresh noise streams
-            torch.manual_seed(args.seed + 1000 * rank + run.step)
+        restore(run, ckpt)
     elif world > 1:
         torch.manual_seed(args.seed + 1000 * rank)     # same initial weights, different noise per rank
 
@@ -259,24 +273,86 @@ def build_run(args, explicit, device, rank, world, say, lock):
     return run
 
 
+def restore(run, ckpt):
+    """--resume: the weights, optimiser, EMA, data position, counters and random streams of a checkpoint."""
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.ema.load_state_dict(ckpt["ema"])
+    run.batches.load_state_dict(ckpt["data_state"])
+    run.step, run.nan_skipped, run.nan_streak = ckpt["step"], ckpt["nan_skipped"], ckpt["nan_streak"]
+    run.sums[STREAK] = run.nan_streak
+    run.saved_step = run.step
+    run.train_seconds = ckpt.get("train_seconds", 0.0)
+    run.images_seen = ckpt.get("images_seen", run.step * run.args.batch_size)   # older checkpoints: one batch size
+    run.progress = ckpt.get("progress", run.step / run.args.steps)
+    states = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(states) == run.world:
+        set_rng_state(states[run.rank], run.device)
+    else:                       # resumed on another number of processes: fresh noise streams
+        torch.manual_seed(run.args.seed + 1000 * run.rank + run.step)
+
+
+def start_sitting(run, say, cpu_recipe):
+    """Before the first step: the run's size and projected time, and its log opened -> False where the
+    run's budget is already spent (nothing to train)."""
+    args = run.args
+    done = budget_reached(args, run.step, run.train_flops, run.train_seconds)
+    if done:
+        say(f"{run.ckpt_path} has {done} (step {run.step}, {run.train_flops / 1e15:.3g} PFLOP, "
+            f"{run.train_seconds / 3600:.2f} h); raise that budget to train on")
+        return False
+    per_image = seconds_per_training_image(run.model, run.config, run.device, run.amp) / run.world
+    project(args, step=run.step, train_flops=run.train_flops, train_seconds=run.train_seconds,
+            flops_per_image=run.flops_per_image, per_image=per_image, device=run.device, say=say,
+            cpu_recipe=cpu_recipe)
+    if run.master:
+        run.runlog = RunLog(run.log_folder, run.step if args.resume else None, args.tensorboard)
+        say(f"=== writing {run.ckpt_path}, {run.ema_path}, grids in {args.sample_dir}/, logs in {run.log_folder}/"
+            f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
+    return True
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM: finish the step, save, stop (.signal: the signal's name, else None). The
+    handler steps aside after the first signal, so a second one ends the process at once, whatever
+    it is doing. The earlier handlers come back when the loop ends."""
+
+    def __init__(self, run):
+        self.run, self.signal, self.old_handlers = run, None, {}
+
+    def __enter__(self):
+        self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old_handlers.items():
+            signal.signal(s, h)
+
+    def on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        if self.run.master:
+            step_s = CALLS_PER_TRAINING_IMAGE * self.run.args.batch_size * (self.run.seconds_per_image_step or 0.0)
+            tqdm.write(f"{self.signal}: finishing this step{f' (about {step_s:.0f} s)' if step_s >= 2 else ''}, "
+                       f"then saving {self.run.ckpt_path} (press Ctrl-C again to quit at once, without saving)")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train_step(run, x0, y, lr):
     """DDPM Algorithm 1, once: t and ε drawn, the loss at x_t (diffusion.loss), its gradient clipped to
     --grad-clip, then θ ← AdamW(θ) and θ_ema ← d·θ_ema + (1 − d)·θ, both skipped for a non-finite step.
     x0: (B/W, C, H, W) in [−1, 1]; y: (B/W,) labels or None. -> the loss (on the device)."""
-    args = run.args
     for group in run.opt.param_groups:
         group["lr"] = lr
     with run.amp:
         loss = run.diffusion.loss(x0, y, model=run.train_model)     # DDPM eq. 14: ‖ε − ε_θ(x_t, t)‖² (or v, x_0)
-    if run.step + 1 in args.debug_nan_steps:
-        loss = loss * float("nan")                                  # test hook
     run.opt.zero_grad(set_to_none=True)
     loss.backward()                                                 # ∇_θ
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
     run.step += 1
-    run.images_seen += args.batch_size
+    run.images_seen += run.args.batch_size
     run.apply_step(loss, grad_norm)                                 # AdamW step on θ, then the EMA
     return loss
 
@@ -291,7 +367,7 @@ def periodic_jobs(run, meter, lr, finished, say_all):
             run.read_nans(say_all)
         seconds = max(time.time() - meter["t"], 1e-9)
         img_s = meter["n"] * args.batch_size / seconds
-        run.seconds_per_image_step = seconds / (3 * meter["n"] * args.batch_size)   # a step ≈ 3 network calls
+        run.seconds_per_image_step = seconds / (CALLS_PER_TRAINING_IMAGE * meter["n"] * args.batch_size)
         row = run.log_row(lr, img_s)
         if run.master:
             run.runlog.log(row)
@@ -301,10 +377,11 @@ def periodic_jobs(run, meter, lr, finished, say_all):
     sample_now = args.sample_every and run.step % args.sample_every == 0 and not finished
     eval_now = args.eval_every and run.step % args.eval_every == 0
     if sample_now and run.master:
-        tqdm.write(f"step {run.step}: samples in {draw_grid(run)}")
+        path = draw_grid(run.ema_now(), args, run.step, run.runlog, seconds_per_image_step=run.seconds_per_image_step)
+        tqdm.write(f"step {run.step}: samples in {path}")
         run.runlog.plot(f"{args.run_name}: training loss")
     if eval_now and run.master:
-        evaluate(run)
+        evaluate(run.ema_now(), run.config, args, run.step, run.runlog)
     if run.world > 1 and (sample_now or eval_now):
         dist.barrier()                                          # the other ranks wait for rank 0
     if args.save_every and run.step % args.save_every == 0 and not finished:
@@ -313,102 +390,93 @@ def periodic_jobs(run, meter, lr, finished, say_all):
     meter["t"] += time.time() - t_pause                         # img/s counts training time only
 
 
-def train(args, explicit, cpu_recipe=None):
-    """One sitting of a run, holding the run's lock (checkpoint.RunLock) from the first check to the end."""
+def last_step(run):
+    """The progress bar's end: --steps, or sooner where --max-pflop is reached first."""
+    args = run.args
+    if not args.max_pflop:
+        return args.steps
+    flops_per_step = run.flops_per_image * args.batch_size
+    return min(args.steps, run.step + images_until_pflop(args.max_pflop, run.train_flops, flops_per_step))
+
+
+def reserve_seconds(run, clock):
+    """What the end of the sitting needs of --max-minutes: two steps, the save, and the end-of-run grid."""
+    args, per_call = run.args, run.seconds_per_image_step or 0.0
+    reserve = 2 * CALLS_PER_TRAINING_IMAGE * args.batch_size * per_call + 2.0
+    if args.sample_every and clock.seconds is not None:
+        n_grid = plan_final_grid(args.sample_count, args.sample_steps, per_call, clock.seconds)
+        reserve += grid_seconds(n_grid, args.sample_steps, per_call)
+    return reserve
+
+
+def train(defaults, argv=None, presets=None, description=None):
+    """`python train_<dataset>.py`: the flags over the script's defaults (and `presets`: {name: (values,
+    help)}), then one sitting of the run: set-up (build_run), the loop of train_step (DDPM Algorithm 1)
+    and periodic_jobs, the end (finish). The run's lock (files.RunLock) is held from the first check on."""
+    args, explicit = parse_args(defaults, argv, presets, description)
+    clock = SittingClock(args.max_minutes)                      # --max-minutes counts from here
     lock = RunLock(Path(args.ckpt_dir) / f"{args.run_name}.pt")
     try:
-        sitting(args, explicit, cpu_recipe, lock)
+        device, rank, world = setup_distributed(args)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say_all = tqdm.write if rank == 0 else (lambda *a: None)
+        run = build_run(args, explicit, device, rank, world, say, lock)
+        if not start_sitting(run, say, cpu_recipe_note(args, presets, argv)):
+            return
+        t_loop, train_seconds_before, progress_before = time.time(), run.train_seconds, run.progress
+        meter = {"t": t_loop, "n": 0, "first_step": run.step}
+        # The run's progress drives --lr-schedule. Every rank uses the largest clocks of all ranks, so
+        # that they all take the same step.
+        time_used, train_seconds = rank_max([clock.time_used(), run.train_seconds], device, world)
+        reason = None
+        with StopOnSignal(run) as stop, clock.bar(last_step(run), run.step, args.run_name, not run.master) as pbar:
+            while reason is None:
+                x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
+                if device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                if run.step + 1 in args.debug_nan_steps:
+                    x0 = x0 * float("nan")                                          # test hook: a non-finite step
+                run.progress = progress_now(args, run.step, run.train_flops, train_seconds, progress_before, time_used)
+                lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
+                train_step(run, x0, y, lr)                                          # DDPM Algorithm 1
+                if not run.sync_free:
+                    run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
+                run.train_seconds = train_seconds_before + time.time() - t_loop
+                if run.master:                                  # the live step, every step
+                    pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
+                clock.advance(pbar, run.step)
+                meter["n"] += 1
+                finished = budget_reached(args, run.step, run.train_flops, train_seconds)   # the end saves and draws
+                periodic_jobs(run, meter, lr, finished, say_all)
+                # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
+                stopping, time_used, train_seconds = rank_max(
+                    [clock.left() <= reserve_seconds(run, clock) or stop.signal is not None, clock.time_used(),
+                     run.train_seconds], device, world)
+                if stopping:
+                    reason = stop.signal or f"--max-minutes {args.max_minutes} used up"
+                elif run.step == args.debug_stop_step:
+                    reason = "--debug-stop-step"                                      # test hook: end a sitting
+                else:
+                    reason = finished
+        finish(run, clock, reason, say, interrupted=stop.signal is not None)
+        if stop.signal == "SIGINT":
+            raise SystemExit(130)                           # saved; Ctrl-C's exit status, 128 + SIGINT
     finally:
         lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def sitting(args, explicit, cpu_recipe, lock):
-    budget = Budget(args.max_minutes, time.time())
-    device, rank, world = setup_distributed(args)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    say_all = tqdm.write if master else (lambda *a: None)
-    run = build_run(args, explicit, device, rank, world, say, lock)
-    done = budget_reached(run, run.train_seconds)
-    if done:
-        say(f"{run.ckpt_path} has {done} (step {run.step}, {run.train_flops / 1e15:.3g} PFLOP, "
-            f"{run.train_seconds / 3600:.2f} h); raise that budget to train on")
-        return
-    project(run, say, cpu_recipe)
-    log_folder = Path(args.log_dir) / args.run_name
-    if master:
-        run.runlog = RunLog(log_folder, run.step if args.resume else None, args.tensorboard)
-        say(f"=== writing {run.ckpt_path}, {run.ema_path}, grids in {args.sample_dir}/, logs in {log_folder}/"
-            f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
-
-    # Ctrl-C / SIGTERM: finish the step, save, stop. The handler steps aside after the first
-    # signal, so a second one ends the process at once, whatever it is doing.
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_DFL)
-        if master:
-            step_s = 3 * args.batch_size * (run.seconds_per_image_step or 0.0)
-            tqdm.write(f"{stop['signal']}: finishing this step{f' (about {step_s:.0f} s)' if step_s >= 2 else ''}, "
-                       f"then saving {run.ckpt_path} (press Ctrl-C again to quit at once, without saving)")
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    last_step = args.steps                              # the bar's end: --steps, or sooner at --max-pflop
-    if args.max_pflop:
-        last_step = min(last_step, run.step + math.ceil((1e15 * args.max_pflop - run.train_flops)
-                                                        / (3 * run.flops_per_image * args.batch_size)))
-    pbar = budget.bar(last_step, run.step, args.run_name, disable=not master)
-    t_loop, train_seconds_before = time.time(), run.train_seconds
-    meter = {"t": t_loop, "n": 0, "first_step": run.step}
-    # The run's progress drives --lr-schedule (budget.progress_now). Every rank uses the largest clocks
-    # of all ranks, so that they all take the same step.
-    progress_before = run.progress
-    time_used, train_seconds = rank_max([budget.time_used(), run.train_seconds], device, world)
-    if run.step:
-        run.sums[4] = run.nan_streak
-    reason = None
-    try:
-        while reason is None:
-            x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
-            if device.type == "cuda":
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            run.progress = progress_now(run, progress_before, time_used, train_seconds)
-            lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
-            train_step(run, x0, y, lr)
-            if not run.sync_free:
-                run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
-            run.train_seconds = train_seconds_before + time.time() - t_loop
-            if master:                                      # the live step, every step
-                pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
-            budget.advance(pbar, run.step)
-            meter["n"] += 1
-            finished = budget_reached(run, train_seconds)      # the run's last step: the end saves and draws
-            periodic_jobs(run, meter, lr, finished, say_all)
-
-            # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
-            per_call = run.seconds_per_image_step or 0.0
-            reserve = 2 * 3 * args.batch_size * per_call + 2.0
-            if args.sample_every and budget.seconds is not None:
-                n_grid = plan_final_grid(args.sample_count, args.sample_steps, per_call, budget.seconds)
-                reserve += grid_seconds(n_grid, args.sample_steps, per_call)
-            stopping, time_used, train_seconds = rank_max([budget.left() <= reserve or stop["signal"] is not None,
-                                                           budget.time_used(), run.train_seconds], device, world)
-            if stopping:
-                reason = stop["signal"] or f"--max-minutes {args.max_minutes} used up"
-            elif run.step == args.debug_stop_step:
-                reason = "--debug-stop-step"                                      # test hook: end a sitting
-            else:
-                reason = finished
-    finally:
-        pbar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    finish(run, budget, reason, log_folder, say, interrupted=stop["signal"] is not None)
+def cpu_recipe_note(args, presets, argv):
+    """The line that names a script's --cpu preset on a CPU, unless it is on or the run is resumed."""
+    presets = presets or {}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "cpu" in presets and "--cpu" not in argv and not args.resume:
+        return f"--cpu: {presets['cpu'][1]}"
+    return None
 
 
-def finish(run, budget, reason, log_folder, say, interrupted):
+def finish(run, clock, reason, say, interrupted):
     """The end of a sitting: save, say where the run stands, the end-of-run grid, the loss plot."""
     args = run.args
     run.read_nans(say)
@@ -417,33 +485,19 @@ def finish(run, budget, reason, log_folder, say, interrupted):
         raise SystemExit(f"stopped at step {run.step} ({reason}) without saving it; the last checkpoint is "
                          f"{run.ckpt_path} at step {run.saved_step}")
     if run.master:
-        say(f"=== stopped at step {run.step} ({reason}) after {budget.elapsed() / 60:.1f} min; "
+        say(f"=== stopped at step {run.step} ({reason}) after {clock.elapsed() / 60:.1f} min; "
             f"saved {run.ckpt_path} and {run.ema_path}")
         say(f"=== the run so far: {run.step} steps, {run.images_seen:,} images, {run.train_flops / 1e15:.3g} PFLOP, "
             f"{run.train_seconds / 3600:.2f} h of training")
         if run.nan_skipped:
             say(f"=== {run.nan_skipped} non-finite steps were skipped")
         if args.sample_every and not interrupted:
-            final_grid(run, budget)
+            final_grid(run.ema_now(), args, run.step, run.runlog, run.seconds_per_image_step, clock, run.ema_path)
         run.runlog.plot(f"{args.run_name}: training loss")
         run.runlog.close()
-        say(f"=== logs: {log_folder}/log.csv, loss.png")
+        say(f"=== logs: {run.log_folder}/log.csv, loss.png")
     if args.debug_dump_dir:                                   # test hook: each rank's final weights
         Path(args.debug_dump_dir).mkdir(parents=True, exist_ok=True)
         torch.save({"model": {k: v.cpu() for k, v in run.model.state_dict().items()},
                     "ema": {k: v.cpu() for k, v in run.ema.shadow.items()}},
                    Path(args.debug_dump_dir) / f"rank{run.rank}.pt")
-
-
-def main(defaults, argv=None, presets=None, description=None):
-    """Parse the command line over `defaults` (and `presets`: {name: (values, help)}) and train."""
-    args, explicit = parse_args(defaults, argv, presets, description)
-    presets = presets or {}
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cpu_recipe = (f"--cpu: {presets['cpu'][1]}" if "cpu" in presets and "--cpu" not in argv and not args.resume
-                  else None)
-    try:
-        train(args, explicit, cpu_recipe)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

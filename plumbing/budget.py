@@ -1,8 +1,9 @@
 """A run's budget and where it stands: the sitting's clock (--max-minutes), the learning rate over
 the run's progress (--lr-schedule), and before the first step the run's size and projected time.
 
-A run's budget is --steps, --max-pflop (training FLOPs = 3 × forward FLOPs per image × images seen)
-or --budget-minutes, whichever ends it first, over all its sittings; --max-minutes ends a sitting.
+A run's budget is --steps, --max-pflop (training FLOPs = 3 × forward FLOPs per image × images seen:
+training_flops) or --budget-minutes, whichever ends it first, over all its sittings; --max-minutes
+ends a sitting. The functions take plain values (the flags, the step, the FLOPs), not the run.
 """
 
 import copy
@@ -14,17 +15,31 @@ from tqdm.auto import tqdm
 
 from plumbing.device import synchronize
 
+CALLS_PER_TRAINING_IMAGE = 3     # forward + backward ≈ 3 forward passes (the backward costs about two)
 
-class Budget:
+
+def training_flops(flops_per_image, images):
+    """FLOPs of training on `images` images: 3 × the forward FLOPs per image (forward + backward)."""
+    return CALLS_PER_TRAINING_IMAGE * flops_per_image * images
+
+
+def images_until_pflop(max_pflop, train_flops, flops_per_image):
+    """Images still to train before --max-pflop is reached (the first step at or past it included)."""
+    return math.ceil((1e15 * max_pflop - train_flops) / training_flops(flops_per_image, 1))
+
+
+class SittingClock:
     """--max-minutes as a deadline for this sitting (start-up and the end included), and the
-    progress bar's total: seconds of the budget when there is one, else steps."""
+    progress bar's total: seconds of the budget when there is one, else steps. now: the clock
+    (time.time; tests pass a fake one)."""
 
-    def __init__(self, max_minutes, t_start):
+    def __init__(self, max_minutes, t_start=None, now=time.time):
         self.seconds = None if max_minutes is None else 60.0 * max_minutes
-        self.t_start = t_start
+        self.now = now
+        self.t_start = now() if t_start is None else t_start
 
     def elapsed(self):
-        return time.time() - self.t_start
+        return self.now() - self.t_start
 
     def left(self):
         return math.inf if self.seconds is None else self.seconds - self.elapsed()
@@ -49,14 +64,13 @@ class Budget:
             pbar.update(min(self.seconds, self.elapsed()) - pbar.n)
 
 
-def progress_now(run, progress_before, time_used, train_seconds):
+def progress_now(args, step, train_flops, train_seconds, progress_before, time_used):
     """The share of a run's budget used, in [0, 1]: the largest of step/--steps, --max-pflop
     and --budget-minutes used. Without either of those two, --max-minutes is the run's budget
     (a resumed run goes on from progress_before and reaches 1 at this sitting's end)."""
-    args = run.args
-    shares = [run.step / args.steps]
+    shares = [step / args.steps]
     if args.max_pflop:
-        shares.append(run.train_flops / (1e15 * args.max_pflop))
+        shares.append(train_flops / (1e15 * args.max_pflop))
     if args.budget_minutes:
         shares.append(train_seconds / (60 * args.budget_minutes))
     if not (args.max_pflop or args.budget_minutes):
@@ -64,12 +78,11 @@ def progress_now(run, progress_before, time_used, train_seconds):
     return min(1.0, max(shares))
 
 
-def budget_reached(run, train_seconds):
+def budget_reached(args, step, train_flops, train_seconds):
     """Why the run's budget is spent (a line for the log), or None."""
-    args = run.args
-    if run.step >= args.steps:
+    if step >= args.steps:
         return f"reached --steps {args.steps}"
-    if args.max_pflop and run.train_flops >= 1e15 * args.max_pflop:
+    if args.max_pflop and train_flops >= 1e15 * args.max_pflop:
         return f"reached --max-pflop {args.max_pflop:g}"
     if args.budget_minutes and train_seconds >= 60 * args.budget_minutes:
         return f"reached --budget-minutes {args.budget_minutes:g}"
@@ -94,40 +107,39 @@ def probe_inputs(config, device, n=1):
     return x, t, (t if m["num_classes"] else None)
 
 
-def seconds_per_training_image(run, n=8):
+def seconds_per_training_image(model, config, device, amp, n=8):
     """One training step's seconds per image on this device, measured on a copy of the model (the
-    second of two steps of n blank images), so the run's weights and random streams stay untouched."""
-    model = copy.deepcopy(run.model).train()
-    x, t, labels = probe_inputs(run.config, run.device, n)
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    second of two steps of n blank images), so the run's weights and random streams stay untouched.
+    amp: the run's autocast context."""
+    model = copy.deepcopy(model).train()
+    x, t, labels = probe_inputs(config, device, n)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for _ in range(2):
-            synchronize(run.device)
+            synchronize(device)
             t0 = time.perf_counter()
-            with run.amp:
+            with amp:
                 out = model(x, t, labels)
             out.float().square().mean().backward()
-            synchronize(run.device)
+            synchronize(device)
             seconds = time.perf_counter() - t0
     return seconds / n
 
 
-def project(run, say, cpu_recipe=None):
+def project(args, *, step, train_flops, train_seconds, flops_per_image, per_image, device, say, cpu_recipe=None):
     """Before the first step: what is left of the configured run (images, PFLOP) and its projected
-    time on this device, from a measured step; on a CPU, the CPU recipe when one exists and is off."""
-    args = run.args
-    images = (args.steps - run.step) * args.batch_size
+    time at per_image seconds per training image; on a CPU, the CPU recipe when one exists and is off."""
+    images = (args.steps - step) * args.batch_size
     if args.max_pflop:
-        images = min(images, math.ceil((1e15 * args.max_pflop - run.train_flops) / (3 * run.flops_per_image)))
-    per_image = seconds_per_training_image(run) / run.world
+        images = min(images, images_until_pflop(args.max_pflop, train_flops, flops_per_image))
     if args.budget_minutes:
-        images = min(images, math.ceil((60 * args.budget_minutes - run.train_seconds) / per_image))
+        images = min(images, math.ceil((60 * args.budget_minutes - train_seconds) / per_image))
     elif args.max_minutes and not args.max_pflop:           # --max-minutes alone: this sitting is the run
         images = min(images, math.ceil(60 * args.max_minutes / per_image))
     seconds = images * per_image
-    pflop = 3 * run.flops_per_image * images / 1e15
+    pflop = training_flops(flops_per_image, images) / 1e15
     sitting = f"; this sitting stops after --max-minutes {args.max_minutes:g}" if args.max_minutes else ""
-    say(f"=== {run.flops_per_image / 1e9:.2f} GFLOP per image forward; the run "
-        f"{'has left' if run.step else 'is'} {images:,} images ≈ {pflop:.3g} PFLOP ≈ "
-        f"{seconds / 3600:.1f} h on {run.device} at the measured {1 / per_image:.0f} img/s{sitting}")
-    if run.device.type == "cpu" and cpu_recipe:
+    say(f"=== {flops_per_image / 1e9:.2f} GFLOP per image forward; the run "
+        f"{'has left' if step else 'is'} {images:,} images ≈ {pflop:.3g} PFLOP ≈ "
+        f"{seconds / 3600:.1f} h on {device} at the measured {1 / per_image:.0f} img/s{sitting}")
+    if device.type == "cpu" and cpu_recipe:
         say(f"=== on a CPU: the CPU recipe is {cpu_recipe}")

@@ -1,5 +1,5 @@
 """Checkpoints: one torch.save dict of plain types and tensors, written atomically, read with
-weights_only=True so that no pickled code ever runs.
+weights_only=True so that no pickled code ever runs (the safe reading and writing is files.py's).
 
 Layout (save_run; both files carry "config", so generate.py / fid.py / app.py rebuild the model from it):
     <ckpt-dir>/<run>.pt       {"config", "model", "ema", "optimizer", "step", "rng", "data_state",
@@ -14,135 +14,20 @@ config = {"dataset": str,
 """
 
 import copy
-import hashlib
-import os
-import pickle
-import socket
-import tempfile
-import time
-import zipfile
-from pathlib import Path
 
 import torch
 
 from plumbing.device import bf16_fast
+from plumbing.files import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion import GaussianDiffusion
 from unet import UNet
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used, with a message that says what to do."""
-
-
-def cache_dir(*parts, required=False):
-    """The cache folder (joined with parts): $DDPM_CACHE, else ~/.cache/ddpm. DDPM_CACHE=off (or 0,
-    none, false) turns caching off: None, unless required (files that need a home anyway, such as
-    the FID network's weights), which then go to ~/.cache/ddpm."""
-    setting = os.environ.get("DDPM_CACHE", "").strip()
-    off = setting.lower() in ("off", "0", "none", "false")
-    if off and not required:
-        return None
-    base = Path(setting).expanduser() if setting and not off else Path.home() / ".cache" / "ddpm"
-    return base.joinpath(*parts)
-
-
-def file_hash(path, algorithm="sha256"):
-    """A file's digest as hex (names weights in caches and reports; checks downloads)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path, write):
-    """write(binary file) into a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash or a full disk mid-write never leaves a truncated file, and the previous file
-    survives until the new one is complete. The file gets a normal file's mode. -> path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes it owner-only
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def check_writable(folder, flag):
-    """SystemExit in one line unless files can be written in `folder` (or, if it does not exist yet,
-    in the nearest folder above it, where it would be made). Writes and removes one temporary file."""
-    folder = Path(folder).absolute()
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(f"{probe} is not a folder")
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise SystemExit(f"error: {flag} {folder}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
-                         f"pass a {flag} you can write to") from None
-
-
-class RunLock:
-    """<run>.lock beside <run>.pt: one training run per checkpoint, so that two runs never overwrite
-    each other's saves. The lock is an flock on the file, which the system drops when its process
-    ends however it ends; the file says who holds it (pid, host, start time). A file left with a
-    holder but no lock is a run that was killed: the next run takes it over and says so."""
-
-    def __init__(self, ckpt_path):
-        self.path = Path(ckpt_path).with_suffix(".lock")
-        self.fd = None
-
-    def acquire(self):
-        """Take the lock -> a line about a stale lock taken over, or None; CheckpointError if it is held."""
-        try:
-            import fcntl
-        except ImportError:                  # Windows: no flock; runs are not guarded against each other
-            return None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = os.read(fd, 500).decode(errors="replace").strip()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            holder = holder or "a process"
-            raise CheckpointError(f"{self.path.with_suffix('.pt')} is being trained by another run ({holder}, lock "
-                                  f"{self.path}); wait for it to end, stop it, or pass another --run-name / "
-                                  "--ckpt-dir") from None
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
-        self.fd = fd
-        return f"took over the lock of an earlier run that ended without releasing it ({holder})" if holder else None
-
-    def release(self):
-        """Empty the file (no holder) and drop the lock."""
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
-
-
-def save_checkpoint(obj, path):
-    """torch.save, atomically (atomic_write)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
 # ----------------------------------------------------------------------------- the layout
+
+# What a checkpoint says about the compute behind it (both files, and a shipped model): training
+# FLOPs = 3 × flops_per_image × images_seen (budget.training_flops); train_seconds over all sittings.
+COMPUTE_KEYS = ("images_seen", "flops_per_image", "train_flops", "train_seconds")
 
 def model_settings(args, channels, image_size, num_classes):
     """The trainer's resolved flags -> (UNet keyword arguments, GaussianDiffusion keyword arguments):
@@ -184,7 +69,7 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
         if not all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point()):
             raise CheckpointError(f"refusing to save non-finite weights at step {step}; the last good "
                                   f"checkpoint is {path}")
-    compute = {k: stats[k] for k in ("images_seen", "flops_per_image", "train_flops", "train_seconds")}
+    compute = {k: stats[k] for k in COMPUTE_KEYS}
     save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
                      "step": step, "rng": rng, "data_state": data_state, **stats,
                      "versions": {"torch": str(torch.__version__)}}, path)
@@ -200,7 +85,7 @@ def save_pretrained(ckpt, path, quality=None):
     seen (steps, images, PFLOP, hours) and its measured quality, one line such as "FID-10k 30.1
     (ancestral DDPM, 50 steps)". Read back with load_for_sampling, which computes in float32."""
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ema_weights(ckpt).items()}
-    keep = ("step", "images_seen", "flops_per_image", "train_flops", "train_seconds")
+    keep = ("step", *COMPUTE_KEYS)
     config = copy.deepcopy(ckpt["config"])
     for key in LOCAL_PATHS:            # the training machine's folders: meaningless in a clone, not shipped
         if key in config.get("train", {}):
@@ -210,33 +95,6 @@ def save_pretrained(ckpt, path, quality=None):
 
 
 # ----------------------------------------------------------------------------- reading
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint safely, or raise CheckpointError saying what is wrong."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; train one first "
-                              "(e.g. python train_mnist.py) or pass the right --ckpt")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as checkpoints/mnist_ema.pt")
-    if not zipfile.is_zipfile(path):          # torch.save writes a zip archive; nothing else is read
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save archive); nothing in it "
-                              "was loaded. Pass a file written by train_*.py, such as checkpoints/mnist_ema.pt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"refusing {path}: it holds pickled Python objects, not just tensors and "
-                                  "plain values, and loading it could run arbitrary code. Only checkpoints "
-                                  "written by this repo's trainers are accepted.") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
-    except Exception as e:                     # not a zip / torch file at all
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not any(k in ckpt for k in ("ema_model", "ema", "model")):
-        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repo "
-                              "(no 'config' and weights); use a file written by train_*.py")
-    return ckpt
-
 
 def build_diffusion(config):
     """Rebuild the (untrained) UNet and GaussianDiffusion from a stored config alone."""
@@ -266,7 +124,7 @@ def load_for_sampling(path, device="cpu", amp=True):
     diffusion.amp = amp and bf16_fast(torch.device(device))
     # What the model has seen (older checkpoints: step × batch size, and no FLOPs).
     batch = config.get("train", {}).get("batch_size")
-    diffusion.trained = {"step": ckpt.get("step"), "images_seen": ckpt.get("images_seen", (ckpt.get("step") or 0)
-                                                                           * (batch or 0) or None),
-                         "train_flops": ckpt.get("train_flops"), "train_seconds": ckpt.get("train_seconds")}
+    diffusion.trained = {"step": ckpt.get("step"), **{k: ckpt.get(k) for k in COMPUTE_KEYS}}
+    if "images_seen" not in ckpt:
+        diffusion.trained["images_seen"] = (ckpt.get("step") or 0) * (batch or 0) or None
     return diffusion.to(device).eval(), config

@@ -133,65 +133,68 @@ class RunLog:
 
 # ----------------------------------------------------------------------------- grids and evaluations
 
-def draw_grid(run, n=None):
-    """A grid from a run's EMA model, from the same x_T every time (comparable grids); returns its path."""
-    args = run.args
+def draw_grid(ema_diffusion, args, step, runlog, n=None, seconds_per_image_step=None):
+    """A grid from a run's EMA model (ema_diffusion, its weights up to date) at `step`, from the same x_T
+    every time (comparable grids), into --sample-dir and the run's log; returns its path. args: the
+    trainer's flags (sample_count, sample_sampler, sample_steps, sample_dir, run_name)."""
     asked = n = n or args.sample_count
-    num_classes, ncol, labels, why = run.config["model"]["num_classes"], None, None, ""
+    device = ema_diffusion.betas.device
+    num_classes, ncol, labels, why = ema_diffusion.num_classes, None, None, ""
     if num_classes:                                     # one column per class, full rows
         ncol = min(num_classes, 16)
         n = math.ceil(n / ncol) * ncol
-        labels = classes_in_turn(n, num_classes).to(run.device)
+        labels = classes_in_turn(n, num_classes).to(device)
         why = f"; {asked} rounded up to {n // ncol} full rows of {ncol} classes" if n != asked else ""
     ncol = ncol or max(1, int(math.sqrt(n)))
-    about = (f", about {grid_seconds(n, args.sample_steps, run.seconds_per_image_step):.0f} s"
-             if run.seconds_per_image_step else "")
-    tqdm.write(f"step {run.step}: drawing a {n}-image grid ({args.sample_sampler}, {args.sample_steps} steps"
+    about = (f", about {grid_seconds(n, args.sample_steps, seconds_per_image_step):.0f} s"
+             if seconds_per_image_step else "")
+    tqdm.write(f"step {step}: drawing a {n}-image grid ({args.sample_sampler}, {args.sample_steps} steps"
                f"{about}{why})")
-    run.ema.copy_to(run.ema_model)
     gen = torch.Generator().manual_seed(1234)
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        x = run.ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels,
-                                      generator=gen, progress=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels,
+                                 generator=gen, progress=True)
     images = to_uint8(x)
-    path = Path(args.sample_dir) / f"{args.run_name}_step{run.step}.png"
+    path = Path(args.sample_dir) / f"{args.run_name}_step{step}.png"
     save_grid(images, path, ncol=ncol)
-    run.runlog.log_grid(run.step, make_grid(images, ncol))
+    runlog.log_grid(step, make_grid(images, ncol))
     return path
 
-def evaluate(run):
-    """The proxy FID of a run's EMA model (metrics.proxy_metrics) into eval.csv; a failure never ends the run."""
+def evaluate(ema_diffusion, config, args, step, runlog):
+    """The proxy FID of a run's EMA model (metrics.proxy_metrics) at `step` into eval.csv; a failure never
+    ends the run. args: the trainer's flags (eval_samples, data_dir, ckpt_dir; eval_every is set to 0
+    where the metrics cannot be imported)."""
     try:
         from scoring.metrics import proxy_metrics
     except ImportError as e:
         tqdm.write(f"--eval-every: cannot import metrics.py ({e}); evaluation is off for this run")
-        run.args.eval_every = 0
+        args.eval_every = 0
         return
-    run.ema.copy_to(run.ema_model)
-    tqdm.write(f"step {run.step}: proxy FID of {run.args.eval_samples} samples")
+    device = ema_diffusion.betas.device
+    tqdm.write(f"step {step}: proxy FID of {args.eval_samples} samples")
     try:
-        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            scores = proxy_metrics(run.ema_diffusion, run.config, data_dir=run.args.data_dir,
-                                        num_samples=run.args.eval_samples, device=run.device,
-                                        ckpt_dir=run.args.ckpt_dir)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            scores = proxy_metrics(ema_diffusion, config, data_dir=args.data_dir, num_samples=args.eval_samples,
+                                   device=device, ckpt_dir=args.ckpt_dir)
     except Exception as e:            # a broken evaluation must not end a long training run
-        tqdm.write(f"eval @ step {run.step} failed ({type(e).__name__}: {e}); training goes on")
+        tqdm.write(f"eval @ step {step} failed ({type(e).__name__}: {e}); training goes on")
         return
-    row = {"step": run.step, **{k: float(v) if isinstance(v, (int, float)) else v for k, v in scores.items()}}
-    run.runlog.log_eval(row)
-    tqdm.write(f"eval @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    row = {"step": step, **{k: float(v) if isinstance(v, (int, float)) else v for k, v in scores.items()}}
+    runlog.log_eval(row)
+    tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                        for k, v in row.items() if k != "step"))
 
 
-def final_grid(run, budget):
+def final_grid(ema_diffusion, args, step, runlog, seconds_per_image_step, clock, ema_path):
     """The end-of-run grid, sized from the measured speed to cost at most FINAL_GRID_SHARE of the run
-    and to fit in what is left of --max-minutes, or skipped with a message."""
-    args, per_call = run.args, run.seconds_per_image_step or 0.0
-    n = plan_final_grid(args.sample_count, args.sample_steps, per_call, min(budget.elapsed(), budget.seconds or math.inf),
-                        seconds_left=budget.left())
+    and to fit in what is left of --max-minutes (clock: budget.SittingClock), or skipped with a message
+    that names the command to draw one from ema_path."""
+    per_call = seconds_per_image_step or 0.0
+    n = plan_final_grid(args.sample_count, args.sample_steps, per_call, min(clock.elapsed(), clock.seconds or math.inf),
+                        seconds_left=clock.left())
     if n == 0:
         print(f"=== no end-of-run grid: {args.sample_count} images × {args.sample_steps} steps would take about "
               f"{grid_seconds(args.sample_count, args.sample_steps, per_call):.0f} s, more than "
-              f"{FINAL_GRID_SHARE:.0%} of this run; draw one with python generate.py --ckpt {run.ema_path}")
+              f"{FINAL_GRID_SHARE:.0%} of this run; draw one with python generate.py --ckpt {ema_path}")
         return
-    print(f"=== samples in {draw_grid(run, n)}")
+    print(f"=== samples in {draw_grid(ema_diffusion, args, step, runlog, n, seconds_per_image_step)}")

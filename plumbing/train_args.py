@@ -10,12 +10,14 @@ checkpoint.make_config turns the resolved flags into the config every checkpoint
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
 
 from diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, LOSS_WEIGHTINGS, OBJECTIVES, P_MEAN, SAMPLERS, SCHEDULES,
                        T_SAMPLINGS, VARIANCES, GaussianDiffusion)
+from plumbing.sampling import SAMPLER_HELP
 
 # Every flag and its default; a train_*.py script overrides some of them.
 DEFAULTS = dict(
@@ -111,11 +113,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # ----------------------------------------------------------------------------- the parser
 
-def build_parser(defaults, presets, description):
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+def data_flags(g):
+    """--help's "data" flags."""
     B = argparse.BooleanOptionalAction
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist, cifar10, faces (faces64.npz), a folder of images, or an .npz file "
+    g.add_argument("--dataset", help="mnist, cifar10, faces (faces64.npz), celeba (all of CelebA, cropped once from "
+                                     "img_align_celeba), a folder of images, or an .npz file "
                                      "with uint8 'images' N×H×W×C")
     g.add_argument("--data-dir", help="folder with <name>_train.npz / faces64.npz (default: $DDPM_DATA, else ./data)")
     g.add_argument("--image-size", type=POSITIVE, help="resize images to this side in pixels (default: the "
@@ -127,7 +129,10 @@ def build_parser(defaults, presets, description):
                                                   "enables classifier-free guidance at sampling time")
     g.add_argument("--cond-drop-prob", type=SHARE, help="share of labels replaced by the null label in training "
                                                         "(CFG), in [0, 1)")
-    g = p.add_argument_group("model (UNet)")
+
+
+def model_flags(g):
+    """--help's "model (UNet)" flags."""
     g.add_argument("--base-channels", type=POSITIVE, help="channels of the first level")
     g.add_argument("--channel-mults", type=int_list, help="per-level channel multipliers, e.g. 1,2,2,2; each level "
                                                           "after the first halves the resolution")
@@ -135,7 +140,11 @@ def build_parser(defaults, presets, description):
     g.add_argument("--attn-resolutions", type=int_list, help="feature-map sides (pixels) with self-attention, "
                                                              "e.g. 16; 'none' for no attention")
     g.add_argument("--dropout", type=SHARE, help="dropout inside residual blocks, in [0, 1)")
-    g = p.add_argument_group("diffusion")
+
+
+def diffusion_flags(g):
+    """--help's "diffusion" flags."""
+    B = argparse.BooleanOptionalAction
     g.add_argument("--timesteps", type=number(int, 2), help="T, the number of noising steps (≥ 2)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="β schedule")
     g.add_argument("--objective", choices=OBJECTIVES, help="what the network predicts: ε (DDPM), x_0 or v")
@@ -150,7 +159,11 @@ def build_parser(defaults, presets, description):
     g.add_argument("--lognormal-mean", type=number(float, -5, 5),
                    help="the mean of ln σ for --t-sampling lognormal (EDM: −1.2; higher spends more steps on "
                         "heavy noise, as larger images need)")
-    g = p.add_argument_group("optimisation")
+
+
+def optimisation_flags(g):
+    """--help's "optimisation" flags."""
+    B = argparse.BooleanOptionalAction
     g.add_argument("--steps", type=POSITIVE, help="total optimiser steps (the run stops at this step)")
     g.add_argument("--max-pflop", type=number(float, 0, low_open=True),
                    help="the run's training budget in PFLOP (10^15; 3 × forward FLOPs × images seen), over all "
@@ -172,14 +185,17 @@ def build_parser(defaults, presets, description):
     g.add_argument("--ema-decay", type=SHARE, help="EMA decay per step, in [0, 1) (0.9999 ≈ a 10k-step average)")
     g.add_argument("--ema-warmup", action=B, help="EMA decay min(decay, (1+n)/(10+n)): for short runs")
     g.add_argument("--max-nan-steps", type=POSITIVE, help="abort after this many non-finite steps in a row")
-    g = p.add_argument_group("feedback and outputs")
+
+
+def output_flags(g):
+    """--help's "feedback and outputs" flags."""
+    B = argparse.BooleanOptionalAction
     g.add_argument("--log-every", type=POSITIVE, help="steps between CSV / TensorBoard rows (step 1 is logged too)")
     g.add_argument("--sample-every", type=COUNT, help="steps between sample grids from the EMA model, also drawn "
                                                       "at the end (0 = no grids)")
     g.add_argument("--sample-count", type=POSITIVE, help="images per sample grid (the end-of-run grid may be "
                                                          "smaller, to keep it within a few %% of the run)")
-    g.add_argument("--sample-sampler", choices=SAMPLERS, help="sampler for the grids: ancestral DDPM on a "
-                   "respaced chain, or deterministic DDIM (which leaves noisy backgrounds on young models)")
+    g.add_argument("--sample-sampler", choices=SAMPLERS, help=f"sampler for the grids; {SAMPLER_HELP}")
     g.add_argument("--sample-steps", type=POSITIVE, help="sampling steps for the grids, 1 … --timesteps")
     g.add_argument("--save-every", type=COUNT, help="steps between checkpoints (also saved at the end and on "
                                                     "Ctrl-C / SIGTERM; 0 = only then)")
@@ -194,7 +210,11 @@ def build_parser(defaults, presets, description):
     g.add_argument("--resume", action="store_true", help="continue <ckpt-dir>/<run>.pt with its settings; "
                                                          "flags given now override them (e.g. a larger --steps)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <ckpt-dir>/<run>.pt exists")
-    g = p.add_argument_group("system")
+
+
+def system_flags(g):
+    """--help's "system" flags."""
+    B = argparse.BooleanOptionalAction
     g.add_argument("--seed", type=COUNT, help="seeds the weights, the noise and the data order")
     g.add_argument("--device", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     g.add_argument("--amp", action=B, help="bf16 autocast on CUDA and on CPUs with native bf16 "
@@ -206,6 +226,17 @@ def build_parser(defaults, presets, description):
     g.add_argument("--debug-dump-dir", help=argparse.SUPPRESS)
     g.add_argument("--debug-stop-step", type=COUNT, help=argparse.SUPPRESS)         # test hook: end a sitting
     g.add_argument("--debug-sync-free", action="store_true", help=argparse.SUPPRESS)   # the CUDA step, on a CPU
+    g.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit "
+                   "(how tools/benchmark.py reads a trainer's model)")
+
+
+def build_parser(defaults, presets, description):
+    """The trainers' parser: every flag, in --help's groups, over `defaults`; a --<preset> flag per preset."""
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    for title, add_flags in (("data", data_flags), ("model (UNet)", model_flags), ("diffusion", diffusion_flags),
+                             ("optimisation", optimisation_flags), ("feedback and outputs", output_flags),
+                             ("system", system_flags)):
+        add_flags(p.add_argument_group(title))
     for name, (_, help_text) in presets.items():
         p.add_argument(f"--{name}", action="store_true", help=f"preset: {help_text}")
     p.set_defaults(**defaults)
@@ -236,6 +267,11 @@ def parse_args(defaults, argv=None, presets=None, description=None):
         if getattr(ns, d) is _UNSET:
             setattr(ns, d, parser.get_default(d))
     ns.run_name = ns.run_name or Path(str(ns.dataset)).stem
+    if ns.print_config:
+        print(json.dumps({k: v for k, v in vars(ns).items() if k != "print_config" and k not in presets}))
+        raise SystemExit(0)
+    del ns.print_config
+    explicit.discard("print_config")
     return ns, explicit
 
 

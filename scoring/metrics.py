@@ -16,7 +16,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from plumbing.checkpoint import atomic_write
+from plumbing.files import atomic_write
 from plumbing.data import dataset_slug, load_split
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from scoring.inception import Inception
@@ -132,14 +132,15 @@ def score(extractor, images, ref, kid_subsets=100, kid_subset_size=1000):
 # ----------------------------------------------------------------------------- for the training loop
 
 def proxy_metrics(diffusion, config, data_dir=None, num_samples=2000, device=None, ckpt_dir="checkpoints",
-                  sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, batch_size=256, seed=0, ref_limit=None, proxy_train_kwargs=None):
+                  sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, batch_size=None, seed=0, ref_limit=None, proxy_train_kwargs=None):
     """The trainer's evaluation hook: sample the (EMA) model and score it with the proxy network.
 
     Trains and saves ckpt_dir/proxy_<dataset>.pt first if it is missing, and caches the training
     split's reference statistics in ckpt_dir/fid_stats/. Class-conditional models draw the classes
     in turn, without guidance. The noise is seeded, so successive calls in one run are comparable.
     Returns {"proxy_fid", "confident", "coverage", "n", "sampler", "steps"}; confident and
-    coverage are None for unlabelled datasets. ref_limit / proxy_train_kwargs: small runs (tests).
+    coverage are None for unlabelled datasets. batch_size: None is sampling.default_batch_size.
+    ref_limit / proxy_train_kwargs: small runs (tests).
     """
     device = torch.device(device) if device is not None else diffusion.betas.device
     dataset = config["dataset"]
@@ -147,7 +148,7 @@ def proxy_metrics(diffusion, config, data_dir=None, num_samples=2000, device=Non
     proxy = get_proxy(dataset, data_dir, ckpt_dir, image_size, device, **(proxy_train_kwargs or {}))
     ref = reference_stats(proxy, dataset, data_dir, proxy.config["image_size"], "train",
                           os.path.join(ckpt_dir, "fid_stats"), ref_limit)
-    steps, labels, _ = resolve_sampling(diffusion, config, sampler=sampler, steps=steps, n=num_samples, clamp=True)
+    steps, labels, _ = resolve_sampling(diffusion, config, sampler=sampler, steps=steps, n=num_samples, cap_steps=True)
     was_training = diffusion.training
     diffusion.eval()
     try:

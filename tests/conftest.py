@@ -57,20 +57,20 @@ def make_checkpoint(path, num_classes=None, image_size=8, channels=1, timesteps=
     The zero-initialised output layers are filled with small random values so that the output
     depends on x_t, t and the label (a fresh model would predict exactly 0 everywhere).
     """
-    from plumbing.checkpoint import build_diffusion, save_checkpoint
+    from plumbing.checkpoint import build_diffusion, model_settings, save_checkpoint
+    from plumbing.train_args import parse_args
 
     if num_classes and class_names is None:
         class_names = [str(i) for i in range(num_classes)]
-    config = {
-        "dataset": dataset,
-        "model": {"in_channels": channels, "base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1,
-                  "attn_resolutions": [], "dropout": 0.0, "image_size": image_size, "num_classes": num_classes},
-        "diffusion": {"image_size": image_size, "channels": channels, "timesteps": timesteps,
-                      "schedule": "linear", "objective": objective, "variance": "beta_tilde", "cond_drop_prob": 0.1},
-        "data": {"name": dataset, "image_size": image_size, "channels": channels, "class_names": class_names},
-        "train": {},
-    }
-    if clip_denoised is not None:                 # else: as a checkpoint from before the option (clamps)
+    # The trainers' own mapping from flags to the model (checkpoint.model_settings), not a copy of it.
+    args, _ = parse_args({}, ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+                              "--timesteps", str(timesteps), "--objective", objective])
+    model, diffusion_kwargs = model_settings(args, channels, image_size, num_classes)
+    config = {"dataset": dataset, "model": model, "diffusion": diffusion_kwargs, "train": {},
+              "data": {"name": dataset, "image_size": image_size, "channels": channels, "class_names": class_names}}
+    if clip_denoised is None:                     # as a checkpoint from before the option (it clamps)
+        del config["diffusion"]["clip_denoised"]
+    else:
         config["diffusion"]["clip_denoised"] = clip_denoised
     torch.manual_seed(seed)
     diffusion = build_diffusion(config)

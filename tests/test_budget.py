@@ -5,7 +5,6 @@ Training FLOPs = 3 × (forward FLOPs per image) × images seen. The run's budget
 """
 
 import csv
-import time
 
 import pytest
 import torch
@@ -115,14 +114,27 @@ def test_the_projection_of_a_run_that_max_minutes_alone_budgets_is_that_time(dat
     assert " ≈ 0.0 h on cpu" in line, line                # not the 80M images of --steps 10,000,000
 
 
+class FakeClock:
+    """A clock that moves only when the test says so: time.time's stand-in."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
 def test_progress_bar_follows_the_time_budget_not_the_steps():
-    clock = budget.Budget(2.0, t_start=time.time() - 30)              # 30 s of a 2-minute budget used
+    now = FakeClock()
+    clock = budget.SittingClock(2.0, t_start=now() - 30, now=now)      # 30 s of a 2-minute budget used
     bar = clock.bar(steps=20_000, step=0, run_name="mnist", disable=False)
-    assert bar.total == 120 and bar.unit == "s" and 29 <= bar.n <= 31
+    assert bar.total == 120 and bar.unit == "s" and bar.n == 30
+    now.t += 1.5
     clock.advance(bar, step=1)
-    assert 30 <= bar.n <= 32                                            # seconds used, not steps done
+    assert bar.n == 31.5                                                # seconds used, not steps done
+    assert clock.time_used() == 31.5 / 120 and clock.left() == 120 - 31.5
     bar.close()
-    steps_bar = budget.Budget(None, time.time()).bar(steps=500, step=10, run_name="m", disable=False)
+    steps_bar = budget.SittingClock(None, now=now).bar(steps=500, step=10, run_name="m", disable=False)
     assert steps_bar.total == 500 and steps_bar.n == 10
     steps_bar.close()
 
@@ -130,7 +142,8 @@ def test_progress_bar_follows_the_time_budget_not_the_steps():
 def test_a_bar_made_after_the_sitting_time_is_spent_still_draws():
     # a busy CPU can spend a short --max-minutes on start-up; tqdm drops a total that n has passed,
     # and its bar_format then fails on the missing percentage
-    clock = budget.Budget(0.02, t_start=time.time() - 5)                # 5 s used of a 1.2 s budget
+    now = FakeClock()
+    clock = budget.SittingClock(0.02, t_start=now() - 5, now=now)      # 5 s used of a 1.2 s budget
     bar = clock.bar(steps=100, step=0, run_name="mnist", disable=False)
     assert bar.total == bar.n == 1.2
     clock.advance(bar, step=1)

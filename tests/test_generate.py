@@ -20,12 +20,19 @@ from plumbing import sampling
 
 
 def run(ckpt, tmp_path, *flags):
-    """What generate.main does, with the grid in tmp_path; returns the (N, H, W, C) uint8 images."""
+    """generate.main, with the grid and an .npz in tmp_path; returns the (N, H, W, C) uint8 images."""
+    generate.main(["--ckpt", str(ckpt), "--grid", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "run.npz"),
+                   "--device", "cpu", *flags])
+    return np.load(tmp_path / "run.npz")["images"]
+
+
+def run_library(ckpt, tmp_path, *flags):
+    """The same flags through sampling.sample_from_args, which fid.py --ckpt and generate_cifar.py use."""
     args = sampling.build_parser().parse_args(
         ["--ckpt", str(ckpt), "--grid", str(tmp_path / "grid.png"), "--device", "cpu", *flags])
     images, labels, resolved, config, trajectory = sampling.sample_from_args(args)
     sampling.write_outputs(args, images, labels, resolved, config, trajectory)
-    return images
+    return images, trajectory
 
 
 def refusal(argv):
@@ -45,6 +52,19 @@ def test_same_seed_same_images_other_seed_other_images(tiny_checkpoint, tmp_path
     assert a.shape == (3, 8, 8, 1) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_generate_py_and_the_library_give_the_same_images_and_gif_batch_by_batch(tiny_checkpoint, tmp_path):
+    """generate.py's own loop over batches and sample_images (fid.py, generate_cifar.py, the trainer's
+    grids) draw the noise alike: the same seed gives the same images, over several batches."""
+    ckpt = tiny_checkpoint(num_classes=3, class_names=["cat", "dog", "owl"])
+    flags = ("--n", "5", "--batch-size", "2", "--seed", "3", "--steps", "6", "--gif-frames", "3")    # GIF: every 2nd of 6 steps and the last
+    shown = run(ckpt, tmp_path, *flags, "--gif", str(tmp_path / "a.gif"))
+    library, trajectory = run_library(ckpt, tmp_path, *flags, "--gif", str(tmp_path / "b.gif"))
+    assert shown.shape == (5, 8, 8, 1) and np.array_equal(shown, library)
+    assert len(trajectory) == 4 and (tmp_path / "a.gif").read_bytes() == (tmp_path / "b.gif").read_bytes()
+    one_batch = run(ckpt, tmp_path, "--n", "5", "--seed", "3", "--steps", "6")
+    assert not np.array_equal(shown, one_batch)        # the noise is drawn batch by batch: --batch-size matters
 
 
 def test_ddim_eta0_is_deterministic_and_uses_the_requested_steps(tiny_checkpoint, tmp_path, capsys):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from plumbing import checkpoint
+from plumbing import files
 from scoring import inception
 from scoring.inception import InceptionError
 
@@ -28,7 +28,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     for off in ("off", "0", "none", "OFF"):                  # the data cache off: weights still need a home
         monkeypatch.setenv("DDPM_CACHE", off)
         assert inception.inception_cache_dir() == tmp_path / "home" / ".cache" / "ddpm" / "inception"
-        assert checkpoint.cache_dir() is None                # the same words turn the data cache off (not ./0/)
+        assert files.cache_dir() is None                # the same words turn the data cache off (not ./0/)
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "c"))
     assert inception.inception_cache_dir() == tmp_path / "c" / "inception"
     assert inception.inception_cache_dir(tmp_path / "x") == tmp_path / "x"

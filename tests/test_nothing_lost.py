@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,24 +20,24 @@ def step_of(path):
     return torch.load(path, weights_only=True)["step"]
 
 
+# Another process that holds a run's lock as a training run does (RunLock), says so, and waits.
+HOLD_LOCK = ("import sys; from plumbing.files import RunLock; RunLock(sys.argv[1]).acquire(); "
+             "print('holding', flush=True); sys.stdin.read()")
+
+
 def test_a_second_run_on_the_same_checkpoint_is_refused_and_a_killed_runs_lock_is_taken_over(
         data_dir, tmp_path, capsys):
-    out = tmp_path / "first.log"
-    first = subprocess.Popen(
-        [sys.executable, "train_mnist.py", *TINY, "--steps", "100000", "--save-every", "1", "--ckpt-dir",
-         str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "runs"), "--sample-dir", str(tmp_path / "samples")],
-        cwd=ROOT, stdout=open(out, "w"), stderr=subprocess.STDOUT, env={**os.environ, "DDPM_DATA": str(data_dir)})
+    run(train_mnist, tmp_path, "--steps", "2")                         # a run to continue
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "ckpt" / "mnist.pt")], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "ckpt" / "mnist.pt").exists():          # the first run is training and saving
-            assert first.poll() is None and time.time() < deadline, out.read_text()
-            time.sleep(0.2)
+        assert first.stdout.readline() == "holding\n"                 # blocks until the lock is held: no clock
         with pytest.raises(SystemExit) as e:
             run(train_mnist, tmp_path, "--steps", "3", "--resume")
         message = str(e.value)
         assert "being trained by another run" in message and f"pid {first.pid}" in message, message
         assert "--run-name" in message and "\n" not in message
-        assert first.poll() is None                                   # the first run never noticed
+        assert first.poll() is None                                   # the holder never noticed
     finally:
         first.send_signal(signal.SIGKILL)                             # killed: no release, a stale lock
         first.wait()
@@ -47,7 +46,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_and_a_killed_runs_lock_i
     run(train_mnist, tmp_path, "--steps", str(saved + 2), "--resume")
     said = capsys.readouterr().out
     assert "took over the lock of an earlier run" in said and f"pid {first.pid}" in said
-    assert step_of(tmp_path / "ckpt" / "mnist.pt") == saved + 2       # it resumed the killed run's last save
+    assert step_of(tmp_path / "ckpt" / "mnist.pt") == saved + 2       # it resumed the run's last save
     assert (tmp_path / "ckpt" / "mnist.lock").read_text() == ""       # released at the end
 
 

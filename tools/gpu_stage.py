@@ -33,6 +33,7 @@ import torch
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 PACK = Path(".gpu")
+ROOT = Path(__file__).resolve().parents[1]     # the checkout: the trainers are run from here
 CIFAR_JPEG, FACES_JPEG, LABELS = PACK / "cifar10_train_q95.jpg", PACK / "faces64_q95.jpg", PACK / "cifar10_labels.npy"
 WHEELS = PACK / "wheels"
 CARRY_LIMIT = 64 * 2**20
@@ -143,13 +144,13 @@ def install_diffusers():
 
 
 def train(script, name, dataset, minutes, flags, work, device, tiny):
-    """One trainer run in-process -> (EMA checkpoint path, seconds)."""
+    """One trainer run, as a command (`python train_cifar.py …`) -> (EMA checkpoint path, seconds)."""
     t0 = time.time()
     argv = ["--dataset", str(dataset), "--run-name", name, "--max-minutes", f"{minutes:.3f}", "--steps", "1000000",
             "--ckpt-dir", str(work / "checkpoints"), "--sample-dir", str(work / "samples"),
             "--log-dir", str(work / "runs"), "--device", device, "--overwrite", "--no-tensorboard",
             *flags, *(TINY if tiny else []), *([] if device == "cpu" else ["--compile"])]
-    script.main(argv)
+    subprocess.run([sys.executable, str(ROOT / script), *argv], check=True)
     return work / "checkpoints" / f"{name}_ema.pt", time.time() - t0
 
 
@@ -168,8 +169,6 @@ def sample(ckpt, n, sampler, steps, device, batch, compile_model):
 
 
 def run(args):
-    import train_celeba
-    import train_cifar
     from plumbing.images import save_grid
     t_start = time.time()
     out, work = Path(args.out), Path(args.work)
@@ -185,7 +184,7 @@ def run(args):
 
     cifar_npz, faces_npz = unpack(work / "data", args.tiny)
     # 1. CIFAR-10: train, then 10,000 samples with the fast sampler
-    ckpt, seconds = train(train_cifar, "cifar10", cifar_npz, args.cifar_minutes, CIFAR, work, str(device), args.tiny)
+    ckpt, seconds = train("train_cifar.py", "cifar10", cifar_npz, args.cifar_minutes, CIFAR, work, str(device), args.tiny)
     n, steps = (40, 5) if args.tiny else (10_000, args.sampler_steps)
     images, sample_seconds = sample(ckpt, n, args.sampler, steps, device, 2000, compile_model=device.type == "cuda")
     for k, part in enumerate(np.array_split(images, math.ceil(images.nbytes / (12 * 2**20)))):
@@ -197,7 +196,7 @@ def run(args):
     # 2. faces, with what is left but the speed table's share
     face_minutes = left() / 60 - args.speed_minutes - (0.1 if args.tiny else 0.3)     # the face grid's share
     if face_minutes > 0.1:
-        ckpt, seconds = train(train_celeba, "celeba", faces_npz, face_minutes, FACES, work, str(device), args.tiny)
+        ckpt, seconds = train("train_celeba.py", "celeba", faces_npz, face_minutes, FACES, work, str(device), args.tiny)
         grid, grid_seconds = sample(ckpt, 64, args.sampler, steps, device, 64, compile_model=False)
         save_grid(grid, out / "faces_grid.png", ncol=8)
         summary["parts"]["faces"] = {"train_seconds": round(seconds, 1), "grid_seconds": round(grid_seconds, 1)}
@@ -206,8 +205,8 @@ def run(args):
     # 3. speed, if it fits
     if left() > 10:
         install_diffusers()
-        from tools import benchmark
-        summary["speed"] = benchmark.table(device, batch=8 if args.tiny else 128, tiny=args.tiny, budget_s=left() - 5)
+        from tools import speed
+        summary["speed"] = speed.table(device, batch=8 if args.tiny else 128, tiny=args.tiny, budget_s=left() - 5)
     else:
         summary["speed"] = f"skipped: {left():.0f} s left"
     summary["total_seconds"] = round(time.time() - t_start, 1)
