@@ -6,9 +6,11 @@
 
 Pick a checkpoint, a sampler (ancestral DDPM on a 50-step respacing by default), a seed and how many images; for a
 class-conditional model also the class and the classifier-free guidance weight w. The page shows
-x_t and the model's current guess x̂_0 side by side while the reverse chain runs, then the final
-grid, with the grid as a PNG to download. The page only lists the checkpoints it found: it never
-takes a file path. One run at a time; later clicks wait in a queue.
+x_t and the model's current guess x̂_0 side by side while the reverse chain runs (as often as those
+frames cost at most a fifth of the run), then the final grid, with the grid as a PNG to download.
+The time estimate is the network's timed calls until a model has run, then its last run's time.
+The page only lists the checkpoints it found: it never takes a file path, and it lists a model
+trained for under one epoch last, marked as noise. One run at a time; later clicks wait in a queue.
 
 Without a checkpoint the page says how to train one: python train_mnist.py (writes
 checkpoints/mnist_ema.pt). Everything is rebuilt from the config stored in the checkpoint.
@@ -16,8 +18,10 @@ checkpoints/mnist_ema.pt). Everything is rebuilt from the config stored in the c
 
 import argparse
 import atexit
+import errno
 import math
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -43,6 +47,11 @@ DEFAULT_GUIDANCE = 0.0       # CFG w: out = (1 + w)·out(y) − w·out(∅); 0 =
                              # per step (on MNIST the best proxy FID; w = 1 is crisper but less varied)
 MAX_GUIDANCE = 20.0
 FRAMES = 25                  # live updates of x_t / x̂_0 per run, at most
+PREVIEW_SHARE = 0.2          # ... and they may take at most this share of the run: each costs two PNGs and the
+                             # page's handling (30-70 ms on a 2-core CPU), which doubled a fast CPU's CIFAR-10 run
+FRAME_GAP = 0.25             # s: at most 4 frames a second (the server sends them while the chain runs on)
+FIRST_ESTIMATE = 1 / (1 - PREVIEW_SHARE)  # a run / its network calls (at most, with the frames' share at its
+                                          # cap), until a run of the model is measured
 PADDING = 2                  # pixels between the images of a grid (images.make_grid's default)
 DISPLAY_PX = 512             # grids are shown enlarged (nearest neighbour) to about this size
 MODEL_CACHE = 2              # models kept loaded
@@ -99,7 +108,9 @@ def describe_checkpoints(paths):
         class_names = (config.get("data") or {}).get("class_names")
         if num_classes:
             class_names = default_class_names(num_classes, class_names)
+        seen, n_data = ckpt.get("images_seen"), (config.get("data") or {}).get("num_images")
         infos[name] = {
+            "undertrained": seen is not None and bool(n_data) and seen < n_data,     # under one epoch: noise
             "path": str(path), "config": config, "params": params, "step": ckpt.get("step"),
             "quality": ckpt.get("quality"), "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
             "channels": diffusion_cfg["channels"], "num_classes": num_classes, "class_names": class_names,
@@ -165,6 +176,9 @@ class App:
         self.models = ModelCache()
         self.call_seconds = {}      # (path, device, batch) -> seconds for one network call
         self.calibration = {}       # path -> (seconds a whole run took) / (its network calls' time)
+        self.clock = time.perf_counter
+        self.last_run = None        # {"seconds", "preview", "estimate"} of the last run: its time, its live frames'
+                                    # and the page's estimate of it (None if the page had not timed these settings)
         self.out_dir = tempfile.mkdtemp(prefix="ddpm_app_")
         atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)
 
@@ -218,16 +232,19 @@ class App:
 
     def estimate_seconds(self, info, calls, n, guidance):
         """Seconds for a whole run: the network calls, timed on this device, scaled by what the last
-        real run of this model took beyond them (the sampler's arithmetic, the live frames)."""
+        real run of this model took beyond them (the sampler's arithmetic, the live frames); before
+        the first run, by FIRST_ESTIMATE (the live frames take up to PREVIEW_SHARE of a run)."""
         batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
-        return calls * self.seconds_per_call(info, batch) * self.calibration.get(info["path"], 1.0), batch
+        scale = self.calibration.get(info["path"], FIRST_ESTIMATE)
+        return calls * self.seconds_per_call(info, batch) * scale, batch
 
     def calibrate(self, info, calls, n, guidance, seconds):
-        """After a real run: remember how its time compared with the network calls' alone."""
+        """After a real run: remember how its time compared with the network calls' alone (either way:
+        the next estimate of the same settings is this run's time)."""
         batch = 2 * n if guidance else n
         key = (info["path"], str(self.device), batch)
         if key in self.call_seconds and calls:
-            self.calibration[info["path"]] = max(1.0, seconds / (calls * self.call_seconds[key]))
+            self.calibration[info["path"]] = seconds / (calls * self.call_seconds[key])
 
     def estimate(self, name, sampler, steps, n, class_name, guidance):
         """Markdown: how long a run with these settings will take."""
@@ -238,14 +255,14 @@ class App:
             return f"⚠️ {e.message}"
         seconds, batch = self.estimate_seconds(info, calls, n, guidance)
         how = ("calibrated on the last run" if info["path"] in self.calibration
-               else "network calls only; calibrated after the first run")
+               else f"network calls + up to {FIRST_ESTIMATE - 1:.0%} for the live frames; calibrated after the first run")
         return (f"Estimated time: **≈ {seconds:.1f} s** on {self.device.type} "
                 f"({calls} network calls at batch {batch}; {how}).")
 
     def steps_for(self, info, steps):
         """The default sampler's calls for `steps` on this model: steps, at most its T."""
         diffusion = self.models.get(info["path"], self.device)
-        return len(diffusion.sampling_timesteps(DEFAULT_SAMPLER, steps, clamp=True))
+        return len(diffusion.sampling_timesteps(DEFAULT_SAMPLER, steps, cap_steps=True))
 
     def default_seconds(self, name):
         """A default run's estimated seconds (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_IMAGES) for this model."""
@@ -255,10 +272,13 @@ class App:
         return self.estimate_seconds(info, calls, DEFAULT_IMAGES, guidance)[0]
 
     def model_choices(self):
-        """[(label with the default run's estimate, name)], fastest first: the page opens on the first."""
+        """[(label with the default run's estimate, name)], fastest first, a model trained for under one
+        epoch (a run stopped early: noise) last and marked so: the page opens on the first."""
         seconds = {name: self.default_seconds(name) for name in self.infos}
+        noise = " · under one epoch of training: expect noise"
         return [(f"{name}{' · ' + self.infos[name]['quality'] if self.infos[name].get('quality') else ''} · "
-                 f"≈ {seconds[name]:.1f} s a run here", name) for name in sorted(seconds, key=seconds.get)]
+                 f"≈ {seconds[name]:.1f} s a run here{noise if self.infos[name].get('undertrained') else ''}", name)
+                for name in sorted(seconds, key=lambda k: (bool(self.infos[k].get("undertrained")), seconds[k]))]
 
     # ------------------------------------------------------------------ model choice
 
@@ -270,7 +290,9 @@ class App:
         diffusion_cfg = cfg["diffusion"]
         return (f"**{cfg.get('dataset', '?')}** · {info['image_size']}×{info['image_size']}×{info['channels']} · "
                 f"{info['params'] / 1e6:.2f}M parameters{step} · {kind} · T = {info['T']}, "
-                f"{diffusion_cfg.get('schedule', 'linear')} schedule, predicts {diffusion_cfg.get('objective', 'eps')}")
+                f"{diffusion_cfg.get('schedule', 'linear')} schedule, predicts {diffusion_cfg.get('objective', 'eps')}"
+                + ("\n\n⚠️ trained for less than one pass over its data (a run stopped early?): expect noise; the "
+                   "shipped models are marked (shipped)" if info.get("undertrained") else ""))
 
     def on_model_change(self, name, steps):
         """Model picked -> its description, the steps limit (T), and the class/guidance inputs."""
@@ -295,19 +317,27 @@ class App:
         if labels is not None:
             labels = labels.to(self.device)
         generator = torch.Generator("cpu").manual_seed(seed)    # same images on every device
-        start = time.perf_counter()
-        x = None
+        timed = (info["path"], str(self.device), 2 * n if guidance else n) in self.call_seconds
+        predicted = self.estimate_seconds(info, total, n, guidance)[0] if timed else None    # what the page said
+        start = self.clock()
+        x, preview, frames = None, 0.0, 0     # seconds of live frames (drawing them, the page's handling of each)
+        last_frame = -math.inf
         for k, (t, x, x0) in enumerate(diffusion.sample_iter(
                 n, sampler=SAMPLERS[sampler], steps=steps, labels=labels, guidance=guidance,
                 generator=generator, progress=False)):
-            if (k + 1) % every == 0 and k + 1 < total:
-                elapsed = time.perf_counter() - start
+            now = self.clock()
+            frame = preview / frames if frames else 0.0           # a frame's cost, as measured so far
+            if ((k + 1) % every == 0 and k + 1 < total and now - last_frame >= FRAME_GAP
+                    and preview + frame <= PREVIEW_SHARE * (now - start + frame)):
+                elapsed = now - start
                 left = elapsed / (k + 1) * (total - k - 1)
                 yield (to_display(to_grid(x)), to_display(to_grid(x0)), None, None,
                        f"Step {k + 1}/{total} (t = {t:.0f}) · {elapsed:.1f} s, about {left:.1f} s left")
+                preview, frames, last_frame = preview + self.clock() - now, frames + 1, now
         sync(self.device)
         grid = to_grid(x)
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
+        self.last_run = {"seconds": seconds, "preview": preview, "estimate": predicted}
         self.calibrate(info, total, n, guidance, seconds)
         what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance:g}" if info["num_classes"] else "")
         png = save_png(grid, self.out_dir, f"{name}_{what}")
@@ -375,7 +405,38 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
-def main():
+def port_number(text):
+    """--port's type: a whole number in 1 … 65535, else argparse's one-line error."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: use a whole number 1 … 65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range: use a port 1 … 65535 (default 7860)")
+    return port
+
+
+def check_port(host, port):
+    """SystemExit in one line unless this process can serve on host:port (before any model is loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SystemExit(f"error: --host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
+                         "0.0.0.0 or this machine's name") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server will: TIME_WAIT is no refusal
+        try:
+            s.bind(address)
+        except OSError as e:
+            busy = e.errno == errno.EADDRINUSE
+            raise SystemExit(f"error: --port {port} on {host}: "
+                             + ("already in use (another app.py?); stop it or pass another --port, e.g. --port "
+                                f"{port + 1 if port < 65535 else 7860}" if busy else
+                                f"cannot serve there ({e.strerror}); pass another --host or --port")) from None
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", metavar="PATH",
                         help="an EMA checkpoint to offer (repeatable); without it, the shipped models in "
@@ -386,11 +447,12 @@ def main():
                         help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: %(default)s, this machine only); 0.0.0.0 for the network")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to serve on, 1 … 65535 (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_port(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,5 +1,6 @@
-"""Train a DDPM on 64×64 faces: faces64.npz (4,800 CelebA faces) or any folder of face images.
+"""Train a DDPM on 64×64 faces: CelebA (202,599 faces), faces64.npz (4,800 of them) or any folder of faces.
 
+    python train_celeba.py                                           # CelebA, from the data dir (below)
     DDPM_DATA=../shared/data python train_celeba.py                  # faces64.npz from the data dir
     DDPM_DATA=../shared/data python train_celeba.py --cpu --ckpt-dir ~/ddpm-faces --max-minutes 90    # on a CPU:
     DDPM_DATA=../shared/data python train_celeba.py --resume --ckpt-dir ~/ddpm-faces --max-minutes 90  # the 3-PFLOP
@@ -7,15 +8,26 @@
     python train_celeba.py --dataset path/to/celeba_hq_images        # a folder: center-crop, resize to 64
     torchrun --nproc_per_node=4 train_celeba.py                      # several GPUs (DDP)
 
+Without --dataset, the data dir (--data-dir, else $DDPM_DATA, else ./data) decides: CelebA where it
+is there (the built celeba64_train.npz, or the official img_align_celeba.zip or its extracted
+img_align_celeba/ folder, in <data dir>/celeba/ or the data dir itself); else faces64.npz, the build
+machines' offline copy, where that is there; else torchvision downloads CelebA into <data dir>/celeba/.
+The first run crops CelebA once (the DDPM/DDIM crop: 140×140 centred at (89, 121), resized to 64)
+into celeba64_train.npz / celeba64_test.npz beside it: CelebA's own partition, 162,770 training and
+19,962 test faces (its 19,867 'valid' faces are not used).
+
 The model is the DDPM CIFAR-10 U-Net (35.52M parameters) one level deeper in resolution; the DDIM
 paper's CelebA model widens the last level to 4× (68.6M), which 4,800 faces cannot feed; dropout
 and flips keep it from memorising them too soon.
 """
 
+import argparse
+
 import trainer
+from plumbing import data
 
 DEFAULTS = dict(
-    dataset="faces", run_name="celeba", image_size=64, flip=True,        # px; random horizontal flips
+    dataset="celeba", run_name="celeba", image_size=64, flip=True,        # px; random horizontal flips
     base_channels=128, channel_mults=[1, 2, 2, 2], num_res_blocks=2,    # 64 -> 32 -> 16 -> 8 px
     attn_resolutions=[16], dropout=0.1,                                  # attention at 16×16 px
     timesteps=1000, schedule="linear", objective="eps", variance="beta_tilde",
@@ -43,7 +55,11 @@ PRESETS = {
 
 
 def main(argv=None):
-    trainer.main(DEFAULTS, argv, PRESETS, description=__doc__)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data-dir")
+    data_dir = where.parse_known_args(argv)[0].data_dir
+    defaults = dict(DEFAULTS, dataset=data.celeba_default(data_dir))     # "celeba", or "faces" (faces64.npz)
+    trainer.train(defaults, argv, PRESETS, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
     load_dataset(name, data_dir=None, image_size=None, train=True) -> (images, labels, class_names)
         images: uint8 (N, C, H, W); labels: int64 (N,) or None; class_names: list of str or None
 
-name is "mnist", "cifar10", "faces", a folder of images, or an .npz file holding `images`
+name is "mnist", "cifar10", "faces", "celeba", a folder of images, or an .npz file holding `images`
 (uint8 N×H×W×C) and optionally `labels` and `class_names`. The data directory is data_dir, else
 $DDPM_DATA, else ./data. Inside it, <name>_train.npz / <name>_test.npz are used when present
-(offline copies), else torchvision downloads MNIST / CIFAR-10 there.
+(offline copies), else torchvision downloads MNIST / CIFAR-10 there. "faces" is faces64.npz, the
+build machines' 4,800 CelebA faces; "celeba" is the whole of CelebA, cropped once to 64×64 from the
+official img_align_celeba (zip or folder, else torchvision's download) into celeba64_{train,test}.npz.
 
 Batches turns the images into an endless stream of training batches in [−1, 1]. The order is a
 pure function of (seed, epoch, position), so a resumed run sees exactly the batches the
@@ -19,13 +21,14 @@ import os
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plumbing.checkpoint import atomic_write, cache_dir
+from plumbing.files import atomic_write, cache_dir
 from plumbing.images import to_model_range
 
 def default_class_names(num_classes, names=None):
@@ -34,7 +37,7 @@ def default_class_names(num_classes, names=None):
 
 
 MNIST_CLASSES = default_class_names(10)
-NAMED = ("mnist", "cifar10", "faces")
+NAMED = ("mnist", "cifar10", "faces", "celeba")
 FACES_HELD_OUT = 300      # faces64.npz's last 300 faces by celeba_id: never trained on, they are the
                           # faces' "test" split (the FID floor and the copy check)
 CACHE_AFTER_S = 2.0         # an .npz that takes longer to decode is kept in the cache folder as .npy
@@ -79,6 +82,7 @@ def _read_npz(path, mtime_ns, size):
         with np.load(path, allow_pickle=False) as d:
             members = {k: d[k] for k in d.files}
             claimed = {k for k in d.files if f"{k}.npy" in d.zip.namelist()}
+            stored = all(info.compress_type == zipfile.ZIP_STORED for info in d.zip.infolist())   # np.savez's
     except MemoryError:
         raise
     except Exception as e:      # BadZipFile (bad CRC), zlib / lzma errors, EOFError, a bad .npy header, ...
@@ -90,7 +94,7 @@ def _read_npz(path, mtime_ns, size):
     for k in sorted(claimed - set(arrays)):  # np.load hands back a member without the .npy header as bytes
         raise ValueError(f"{_where(path)} is not a readable .npz (its member {k}.npy is not a .npy array); "
                          "re-download or remove it")
-    if cache is not None and (damaged or time.time() - t0 > CACHE_AFTER_S):
+    if cache is not None and (damaged or (time.time() - t0 > CACHE_AFTER_S and not stored)):   # stored: no faster as .npy
         try:
             for k, v in arrays.items():
                 atomic_write(cache / f"{stem}.{k}.npy", lambda f, v=v: np.save(f, v))
@@ -247,6 +251,197 @@ def load_image_folder(folder, image_size=64):
     return images
 
 
+# ----------------------------------------------------------------------------- CelebA
+
+CELEBA_SIZE = (178, 218)            # px, w × h: CelebA's aligned & cropped images (img_align_celeba)
+CELEBA_BOX = (19, 51, 159, 191)     # the DDPM/DDIM crop: 140×140 centred at (x, y) = (89, 121)
+CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}    # list_eval_partition.txt's numbers
+CELEBA_RANGES = (162_770, 182_637, 202_599)    # the same partition by file number (000001 … 162770 train, …)
+CELEBA_POOL_AFTER = 2000            # images: a larger set is decoded by one process per core
+
+
+def celeba_cache(root, split):
+    """<data dir>/celeba64_<split>.npz: the 64×64 crops of one split, built once by build_celeba."""
+    return Path(root) / f"celeba64_{split}.npz"
+
+
+def celeba_source(root):
+    """The official CelebA files under the data dir -> (images: a zip or a folder, or None; folder of
+    list_eval_partition.txt). Looked for in <data dir>/celeba/ (torchvision's layout), then the data dir."""
+    root = Path(root)
+    for folder in (root / "celeba", root):
+        for images in (folder / "img_align_celeba.zip", folder / "img_align_celeba"):
+            if images.exists():
+                return images, folder
+    return None, None
+
+
+def _celeba_partition(folder, ids):
+    """{celeba id: 0 train / 1 valid / 2 test} from list_eval_partition.txt (in folder or folder/Eval),
+    else from the published ranges of file numbers, which is the same partition."""
+    for path in (folder / "list_eval_partition.txt", folder / "Eval" / "list_eval_partition.txt"):
+        if path.exists():
+            try:
+                part = {int(name.split(".")[0]): int(p) for name, p in
+                        (line.split() for line in path.read_text().splitlines() if line.strip())}
+            except ValueError:              # not "000001.jpg 0" lines
+                raise ValueError(f"celeba: {_where(path)} is not CelebA's partition (lines '000001.jpg 0'); "
+                                 "re-download it, or remove it to split by file number") from None
+            return {i: part.get(i, _celeba_range(i)) for i in ids}
+    print(f"note: celeba: no list_eval_partition.txt in {folder}; using CelebA's partition by file number "
+          "(000001–162770 train, –182637 valid, –202599 test)", file=sys.stderr)
+    return {i: _celeba_range(i) for i in ids}
+
+
+def _celeba_range(i):
+    return 0 if i <= CELEBA_RANGES[0] else 1 if i <= CELEBA_RANGES[1] else 2
+
+
+def celeba_crop(img, size=64):
+    """One aligned CelebA image (PIL, 178×218) -> uint8 (size, size, 3): the DDPM/DDIM 140×140 crop,
+    resized with Lanczos (antialiased)."""
+    from PIL import Image
+    return np.asarray(img.convert("RGB").resize((size, size), Image.LANCZOS, box=CELEBA_BOX), dtype=np.uint8)
+
+
+def _decode_celeba(item):
+    """(name, JPEG bytes or a path) -> (name, uint8 (64, 64, 3)) or (name, the reason it is unusable).
+    A module-level function: the worker processes of build_celeba run it."""
+    import io
+    from PIL import Image
+    name, src = item
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            img.load()
+            if img.size != CELEBA_SIZE:
+                return name, f"{img.size[0]}×{img.size[1]} px, not CelebA's aligned {CELEBA_SIZE[0]}×{CELEBA_SIZE[1]}"
+            return name, celeba_crop(img)
+    except Exception as e:          # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        return name, f"{type(e).__name__}: {e}"
+
+
+def build_celeba(source, partition_folder, root):
+    """The official img_align_celeba (.zip or folder) -> celeba64_train.npz and celeba64_test.npz in root
+    (uint8 images N×64×64×3 and celeba_id, in file order), written atomically, test first: a build
+    that stops midway leaves no file that looks complete. CelebA's partition: 0 -> train, 2 -> test;
+    its 19,867 'valid' images go to neither (nothing here selects models on them). A zip or folder that
+    cannot be read raises ValueError / FileNotFoundError in one line; the source is never modified."""
+    from tqdm.auto import tqdm
+    source = Path(source)
+    what = f"{_where(source)}" if source.is_file() else f"{source}/"
+    if source.is_file():
+        try:
+            archive = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"celeba: {what} is not a readable zip ({type(e).__name__}: {e}); re-download it, or "
+                             f"extract it to {source.parent / 'img_align_celeba'}/") from None
+        names = sorted(n for n in archive.namelist() if n.lower().endswith(".jpg"))
+        read = archive.read
+    else:
+        archive = None
+        names = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() == ".jpg")
+        read = lambda n: n
+    ids = {}
+    for n in names:
+        stem = Path(n).stem
+        if stem.isdigit():
+            ids[n] = int(stem)
+    if not ids:
+        raise FileNotFoundError(f"celeba: no CelebA images (000001.jpg, …) in {what} ({len(names)} .jpg files); "
+                                "put the official img_align_celeba there, or pass --dataset PATH for a folder of "
+                                "other face images")
+    partition = _celeba_partition(Path(partition_folder), ids.values())
+    wanted = {split: sorted((n for n in ids if partition[ids[n]] == CELEBA_SPLITS[split]), key=ids.get)
+              for split in ("train", "test")}
+    for split, members in wanted.items():
+        if not members:
+            raise FileNotFoundError(f"celeba: {what} holds no image of CelebA's {split} partition "
+                                    f"({len(ids)} images); it needs the whole img_align_celeba")
+    out = {}
+    workers = min(os.cpu_count() or 1, 16) if len(ids) > CELEBA_POOL_AFTER else 1
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        with tqdm(total=sum(map(len, wanted.values())), desc=f"celeba: cropping {what} to 64×64", unit="img",
+                  file=sys.stderr) as bar:
+            for split, members in wanted.items():
+                images = np.empty((len(members), 64, 64, 3), np.uint8)
+                items = ((n, read(n)) for n in members)
+                results = pool.imap(_decode_celeba, items, chunksize=64) if pool else map(_decode_celeba, items)
+                for i, (name, img) in enumerate(results):
+                    if isinstance(img, str):
+                        raise ValueError(f"celeba: {Path(name).name} in {what} is not usable ({img}); "
+                                         "re-download or re-extract img_align_celeba") from None
+                    images[i] = img
+                    bar.update()
+                out[split] = images, np.array([ids[n] for n in members], np.int64)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:      # a damaged member, an archive cut short
+        raise ValueError(f"celeba: {what} is damaged ({type(e).__name__}: {e}); re-download it") from None
+    finally:
+        if pool:
+            pool.terminate()
+        if archive:
+            archive.close()
+    for split in ("test", "train"):
+        images, ids_ = out[split]
+        path = celeba_cache(root, split)
+        try:
+            atomic_write(path, lambda f: np.savez(f, images=images, celeba_id=ids_))
+        except OSError as e:
+            raise ValueError(f"celeba: cannot write {path} ({e.strerror or e}); make {Path(root)} writable "
+                             "or pass a --data-dir you can write to") from None
+    print(f"celeba: wrote {celeba_cache(root, 'train')} ({len(out['train'][0]):,} faces) and "
+          f"{celeba_cache(root, 'test')} ({len(out['test'][0]):,}); later runs load them", file=sys.stderr)
+
+
+CELEBA_WAYS = ("supply faces in one of three ways: online, torchvision downloads CelebA by itself; or place the "
+               "official img_align_celeba.zip (or its extracted img_align_celeba/ folder) in {root}/celeba/; or "
+               "pass --dataset PATH to a folder of CelebA-HQ or any face images (on the build machines, "
+               "faces64.npz in the data dir is used)")
+
+
+def _download_celeba(root):
+    """torchvision's CelebA download into <root>/celeba/ (Google Drive; it often refuses). Offline or
+    refused, FileNotFoundError in one line naming the ways to supply faces; no empty folder is left."""
+    import torchvision
+    existed = {p for p in [root, *root.rglob("*")] if p.is_dir()} if root.exists() else set()
+    try:
+        torchvision.datasets.CelebA(str(root), split="all", target_type=[], download=True)
+    except Exception as e:      # offline, Google Drive's quota, gdown missing, ...
+        made = sorted({p for p in [root, *root.rglob("*")] if p.is_dir()} - existed, reverse=True) if root.exists() else []
+        for folder in made:
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise FileNotFoundError(f"celeba: no CelebA in {root}, and torchvision could not download it ({why}); "
+                                + CELEBA_WAYS.format(root=root)) from None
+
+
+def load_celeba(root, train=True):
+    """CelebA's train (or test) split as 64×64 crops -> uint8 (N, 3, 64, 64): from the built cache, else
+    built once from the official zip or folder, else downloaded by torchvision, then built."""
+    root = Path(root)
+    split = "train" if train else "test"
+    if not (celeba_cache(root, "train").exists() and celeba_cache(root, "test").exists()):
+        source, folder = celeba_source(root)
+        if source is None:
+            _download_celeba(root)
+            source, folder = celeba_source(root)
+        build_celeba(source, folder, root)
+    images, _, _ = load_npz(celeba_cache(root, split))
+    return images
+
+
+def celeba_default(data_dir=None):
+    """train_celeba.py's dataset: "celeba" where CelebA is in the data dir (built, zip or folder) or
+    nothing is, so that it downloads; "faces" where only the build machines' faces64.npz is."""
+    root = data_root(data_dir)
+    have_celeba = celeba_cache(root, "train").exists() or celeba_source(root)[0] is not None
+    return "faces" if (root / "faces64.npz").exists() and not have_celeba else "celeba"
+
+
 def load_dataset(name, data_dir=None, image_size=None, train=True):
     """(images uint8 (N, C, H, W), labels int64 (N,) or None, class_names or None); see the module doc.
 
@@ -263,6 +458,8 @@ def load_dataset(name, data_dir=None, image_size=None, train=True):
             images, _, _ = load_npz(path)
             labels, class_names = None, None        # celeba_id is an identity, not a class
             images = images[faces_split(path, len(images), train)]
+        elif name == "celeba":
+            images, labels, class_names = load_celeba(root, train), None, None
         else:
             path = root / f"{name}_{'train' if train else 'test'}.npz"
             if path.exists():
@@ -278,7 +475,7 @@ def load_dataset(name, data_dir=None, image_size=None, train=True):
         if path.suffix == ".npz" and path.is_file():
             images, labels, class_names = load_npz(path)
         else:
-            raise FileNotFoundError(f"unknown dataset {name!r}: use mnist, cifar10, faces, a folder of images "
+            raise FileNotFoundError(f"unknown dataset {name!r}: use mnist, cifar10, faces, celeba, a folder of images "
                                     "or an .npz file with an 'images' array")
     if image_size is not None and (images.shape[-1] != image_size or images.shape[-2] != image_size):
         images = resize_images(images, image_size)

@@ -57,7 +57,8 @@ def test_generate_streams_then_returns_a_grid_of_n_images(server, name, n, extra
     _, client = server
     job = client.submit(name, "DDIM", 10, 0, n, *extra, api_name="/generate")
     xt, x0, final, png, status = job.result(timeout=60)
-    assert len(job.outputs()) > 3                               # "loading", live frames, the result
+    statuses = [out[-1] for out in job.outputs()]
+    assert statuses[0].startswith("Step 1/") and statuses[-1].startswith("Done")   # live frames, then the result
     height, width = grid_shape(n, SIZE)
     with Image.open(png) as grid:                               # the download: the grid at true size
         assert grid.size == (width, height) and grid.mode == "L"
@@ -150,7 +151,7 @@ def test_the_estimate_times_the_network_as_sampling_runs_it(tmp_path, monkeypatc
         call()
         return 0.5
     monkeypatch.setattr(sampling, "time_call", time_call)
-    assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 2.0) == (10 * 0.5, 8)
+    assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 2.0) == (10 * 0.5 * app.FIRST_ESTIMATE, 8)
     assert seen == [(True, 8)]              # one call, in bf16, at batch 2n for guidance
 
 
@@ -200,3 +201,106 @@ def test_a_shipped_model_is_half_precision_opens_without_training_and_names_its_
     assert not problems and list(infos) == ["cifar10 (shipped)"]
     label = app.App(infos, "cpu").model_choices()[0][0]
     assert label.startswith("cifar10 (shipped) · FID-10k 30.1 · ≈ ")
+
+
+def run_with_a_fake_clock(monkeypatch, frame_seconds, step_seconds=0.5, page_seconds=0.25, steps=20):
+    """One demo run of a tiny model on a fake clock: each network step takes step_seconds, drawing a
+    live frame frame_seconds, the page's handling of each yield page_seconds. -> (app, statuses)."""
+    import tempfile
+    folder = app.Path(tempfile.mkdtemp())
+    make_checkpoint(folder / "m_ema.pt", timesteps=T, image_size=SIZE)
+    infos, _ = app.describe_checkpoints([folder / "m_ema.pt"])
+    demo_app = app.App(infos, "cpu")
+    clock = {"t": 0.0}
+    demo_app.clock = lambda: clock["t"]
+    diffusion = demo_app.models.get(infos["m_ema"]["path"], demo_app.device)
+    sample_iter = diffusion.sample_iter
+
+    def slow_steps(*args, **kwargs):
+        for out in sample_iter(*args, **kwargs):
+            clock["t"] += step_seconds
+            yield out
+    monkeypatch.setattr(diffusion, "sample_iter", slow_steps)
+    to_display = app.to_display
+
+    def slow_frame(grid):
+        clock["t"] += frame_seconds / 2                     # two images a frame
+        return to_display(grid)
+    monkeypatch.setattr(app, "to_display", slow_frame)
+    demo_app.estimate("m_ema", "DDIM", steps, 4, None, 0.0)        # as the page does before a run
+    statuses = []
+    for out in demo_app.generate("m_ema", "DDIM", steps, 0, 4, None, 0.0):
+        clock["t"] += page_seconds
+        statuses.append(out[-1])
+    return demo_app, statuses
+
+
+def test_live_frames_after_the_first_are_held_to_under_a_quarter_of_the_run(monkeypatch):
+    demo_app, statuses = run_with_a_fake_clock(monkeypatch, frame_seconds=0.5, page_seconds=0.1)   # 1.2 steps
+    run = demo_app.last_run
+    assert statuses[0].startswith("Step 1/") and statuses[-1].startswith("Done")  # the chain is still shown live
+    assert 1 < len(statuses) - 1 < 19                            # some live frames, not all 19 that are due
+    assert run["preview"] / run["seconds"] < 0.25, run           # unthrottled: 19 × 0.6 s of 21.4 s, 53%
+    demo_app, statuses = run_with_a_fake_clock(monkeypatch, frame_seconds=20.0)   # a frame = 40 steps: the first
+    assert len(statuses) == 2 and demo_app.last_run["preview"] / demo_app.last_run["seconds"] > 0.25   # alone
+
+
+def test_cheap_live_frames_are_all_shown(monkeypatch):
+    demo_app, statuses = run_with_a_fake_clock(monkeypatch, frame_seconds=0.0, page_seconds=0.01)
+    assert len(statuses) == 20 and demo_app.last_run["preview"] / demo_app.last_run["seconds"] < 0.25
+
+
+def test_live_frames_come_at_most_four_a_second(monkeypatch):
+    assert app.FRAME_GAP == 0.25
+    _, statuses = run_with_a_fake_clock(monkeypatch, frame_seconds=0.0, step_seconds=0.0625, page_seconds=0.0)
+    shown = [int(s.split("/")[0].removeprefix("Step ")) for s in statuses[:-1]]      # "Step k/20 (t = …) · …"
+    assert shown == [1, 5, 9, 13, 17]                         # every 4th step of 1/16 s: 19 were due
+
+
+def test_the_estimate_after_a_run_is_that_run_s_time(monkeypatch):
+    demo_app, _ = run_with_a_fake_clock(monkeypatch, frame_seconds=2.0)
+    info = demo_app.infos["m_ema"]
+    assert math.isclose(demo_app.estimate_seconds(info, 20, 4, 0.0)[0], demo_app.last_run["seconds"], rel_tol=1e-6)
+    assert "calibrated on the last run" in demo_app.estimate("m_ema", "DDIM", 20, 4, None, 0.0)
+    demo_app.call_seconds = {key: 10.0 for key in demo_app.call_seconds}      # a run faster than its calls' timing
+    demo_app.calibrate(info, 20, 4, 0.0, seconds=12.0)
+    assert math.isclose(demo_app.estimate_seconds(info, 20, 4, 0.0)[0], 12.0, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("port, message", [("99999", "99999 is out of range: use a port 1 … 65535"),
+                                           ("0", "0 is out of range"), ("http", "'http' is not a port number")])
+def test_a_bad_port_is_refused_in_one_line(port, message, capsys, monkeypatch):
+    monkeypatch.setattr(app, "build_demo", lambda *a, **k: pytest.fail("a bad port must be refused first"))
+    with pytest.raises(SystemExit) as e:
+        app.main(["--port", port])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --port: {message}" in err.splitlines()[-1]
+
+
+def test_a_busy_port_is_refused_in_one_line_before_any_model_loads(monkeypatch):
+    import socket
+    monkeypatch.setattr(app, "build_demo", lambda *a, **k: pytest.fail("a busy port must be refused first"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            app.main(["--port", str(port)])
+    assert str(e.value) == (f"error: --port {port} on 127.0.0.1: already in use (another app.py?); stop it or pass "
+                            f"another --port, e.g. --port {port + 1}")
+
+
+def test_a_model_trained_under_one_epoch_is_listed_last_and_marked_as_noise(tmp_path):
+    from plumbing.files import load_checkpoint, save_checkpoint
+    make_checkpoint(tmp_path / "shipped.pt", timesteps=T, image_size=SIZE)
+    make_checkpoint(tmp_path / "a_stopped_ema.pt", timesteps=T, image_size=SIZE)
+    ckpt = load_checkpoint(tmp_path / "a_stopped_ema.pt")           # a run stopped after 16 of 64 images
+    ckpt["config"]["data"]["num_images"], ckpt["images_seen"] = 64, 16
+    save_checkpoint(ckpt, tmp_path / "a_stopped_ema.pt")
+    infos, _ = app.describe_checkpoints([tmp_path / "a_stopped_ema.pt", tmp_path / "shipped.pt"])
+    demo_app = app.App(infos, "cpu")
+    demo_app.seconds_per_call = lambda info, batch: 0.001        # the same model: the order is not the timing's
+    (first, first_name), (last, last_name) = demo_app.model_choices()
+    assert (first_name, last_name) == ("shipped", "a_stopped_ema")
+    assert "expect noise" in last and "expect noise" not in first
+    assert "expect noise" in demo_app.model_markdown(infos["a_stopped_ema"])

@@ -99,7 +99,7 @@ def test_data_tests_say_in_the_summary_why_they_skipped_and_fail_on_a_wrong_ddpm
 
 
 def test_unknown_dataset_name_lists_the_choices():
-    with pytest.raises(FileNotFoundError, match="mnist, cifar10, faces, a folder"):
+    with pytest.raises(FileNotFoundError, match="mnist, cifar10, faces, celeba, a folder"):
         data.load_dataset("imagenet")
 
 
