@@ -1,7 +1,7 @@
 """Gaussian diffusion (Ho et al. 2020, "DDPM"), DDIM sampling (Song et al. 2021), classifier-free
 guidance (Ho & Salimans 2022), Min-SNR-γ loss weighting (Hang et al. 2023) and EDM's training noise
 levels (Karras et al. 2022), around any network net(x_t, t, labels) -> output. EDM's stochastic
-sampler and DPM-Solver++(2M) (Lu et al. 2022) live in samplers.py; sample_iter runs them by name.
+sampler and DPM-Solver++(2M) (Lu et al. 2022) live in samplers.py; reverse_steps runs them by name.
 
 Notation. T steps; the tensor index t ∈ {0, …, T−1} stands for the paper's step t + 1, so
 t = 0 is the first noising step and t = T − 1 produces (almost) pure noise.
@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from samplers import CHURN, S_NOISE, S_TMAX, S_TMIN, dpmpp2m_steps, edm_sigmas, edm_steps, sigma_to_t
+from samplers import (CHURN, EDM_MIN_CALLS, S_NOISE, S_TMAX, S_TMIN, as_guidance, dpmpp2m_steps, edm_sigmas,
+                      edm_steps, sigma_to_t)
 from unet import null_labels
 
 
@@ -159,9 +160,9 @@ class GaussianDiffusion(nn.Module):
         # float64 on the CPU: the σ ↔ t lookups are scalar arithmetic on the host, once per network call.
         alpha_bar32 = self.alphas_cumprod.double()
         self.sigma_table = ((1 - alpha_bar32) / alpha_bar32).sqrt()                  # (T,) increasing in t
-        # The same table as a float64 buffer that moves with the model: training's log-normal t draws
-        # look it up on the device, with no host-to-device copy per step.
-        self.register_buffer("sigma_levels", self.sigma_table.clone(), persistent=False)
+        # The same table cast to a float32 buffer that moves with the model: training's log-normal t draws
+        # look it up on the device, with no host-to-device copy per step (MPS has no float64 at all).
+        register("sigma_levels", self.sigma_table)
 
     # ------------------------------------------------------------------ forward process
 
@@ -198,19 +199,27 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ the network's view
 
     def network(self, xt, t, labels=None, guidance=0.0):
-        """The network's output at (x_t, t), run once (twice with guidance), in float32 (the
+        """The network's output at (x_t, t), run once (twice where guided), in float32 (the
         network itself in bf16 if self.amp).
 
-        Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = (1 + w)·out(y) − w·out(∅).
-        Every parameterisation is linear in the network's output at fixed x_t, so mixing raw
+        guidance: a weight w (classifier-free guidance everywhere) or a samplers.Guidance (an
+        interval of noise levels, autoguidance). Guided: out = (1 + w)·out(y) − w·out_guide, where
+        out_guide is out(∅) (Ho & Salimans 2022, eq. 6) or the guide model's output (Karras et al.
+        2024). Every parameterisation is linear in the network's output at fixed x_t, so mixing raw
         outputs equals mixing the implied ε. t: (B,) ints, or floats between steps (EDM).
         """
+        g = as_guidance(guidance)
+        w = g.weight_at(self.sigma_table, t)
         with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if labels is not None and guidance != 0.0:
+            if w != 0.0 and g.guide is not None:                                        # autoguidance
+                out = self.model(xt, t, labels).float()
+                out_guide = g.guide.model(xt, t, labels if g.guide.num_classes else None).float()
+                return (1 + w) * out - w * out_guide
+            if w != 0.0 and labels is not None:                                         # classifier-free
                 null = null_labels(self.num_classes, labels.shape[0], labels.device)
                 out = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null]))
                 out_cond, out_uncond = out.float().chunk(2)
-                return (1 + guidance) * out_cond - guidance * out_uncond
+                return (1 + w) * out_cond - w * out_uncond
             return self.model(xt, t, labels).float()
 
     def model_predictions(self, xt, t, labels=None, guidance=0.0, clip_denoised=None):
@@ -265,10 +274,11 @@ class GaussianDiffusion(nn.Module):
     def sample_t(self, n, device):
         """Training steps t: (n,) ints in [0, T). "uniform": DDPM Alg. 1. "lognormal": EDM's
         ln σ ~ N(P_mean, P_std²), P_mean = lognormal_mean, then the first step whose
-        σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ."""
+        σ_t = √((1−ᾱ_t)/ᾱ_t) reaches σ. float32 on the device: next to float64 the step moves by at
+        most one, and only where σ lies within float32's rounding of a table entry."""
         if self.t_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), device=device)
-        sigma = (self.lognormal_mean + P_STD * torch.randn(n, device=device, dtype=torch.float64)).exp()    # (n,)
+        sigma = (self.lognormal_mean + P_STD * torch.randn(n, device=device)).exp()          # (n,) float32
         t = torch.searchsorted(self.sigma_levels, sigma)
         return t.clamp(max=self.num_timesteps - 1)
 
@@ -295,7 +305,7 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ sampling
 
-    def sampling_timesteps(self, sampler="ddpm", steps=None, *, clamp=False, churn=CHURN, s_tmin=S_TMIN,
+    def sampling_timesteps(self, sampler="ddpm", steps=None, *, cap_steps=False, churn=CHURN, s_tmin=S_TMIN,
                            s_tmax=S_TMAX):
         """The step t of every network call that `sampler` makes with `steps` calls per image, in order,
         or ValueError saying why not. The one place that decides "which steps" for every caller.
@@ -304,21 +314,25 @@ class GaussianDiffusion(nn.Module):
         ddpm, steps < T: ancestral sampling on an evenly respaced chain (Nichol & Dhariwal §4).
         ddim, dpmpp2m: `steps` evenly spaced steps (default DEFAULT_STEPS), Song et al. §4.2.
         edm: fractional t (floats) of the noise levels EDM Alg. 2 evaluates (edm_sigmas; default
-            DEFAULT_STEPS calls); churn, s_tmin, s_tmax as given to sample_iter.
-        clamp: steps above T are taken as T, for a default that a model with a short chain cannot
-            take (every default is clamped); without it they are refused.
+            DEFAULT_STEPS calls); churn, s_tmin, s_tmax as given to reverse_steps.
+        cap_steps: steps above T are taken as T, for a default that a model with a short chain cannot
+            take (every default is capped); without it they are refused.
         Guidance doubles the batch of a call, not the number of calls.
         """
         T = self.num_timesteps
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if steps is None:
-            steps, clamp = (T if sampler == "ddpm" else DEFAULT_STEPS), True
-        if clamp and isinstance(steps, int) and not isinstance(steps, bool) and steps > T:
+            steps, cap_steps = (T if sampler == "ddpm" else DEFAULT_STEPS), True
+        if cap_steps and isinstance(steps, int) and not isinstance(steps, bool) and steps > T:
             steps = T
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"{steps!r} sampling steps is out of range: this model has T = {T} diffusion "
                              f"steps, so use a whole number from 1 to {T}")
+        if sampler == "edm" and 3 <= steps < EDM_MIN_CALLS:           # Heun's jump into σ_min: noise
+            raise ValueError(f"edm needs at least {EDM_MIN_CALLS} network calls, got {steps}: from 3 to "
+                             f"{EDM_MIN_CALLS - 1} its Heun step into σ_min returns noise (samplers.EDM_MIN_CALLS); "
+                             f"use {EDM_MIN_CALLS} or more, or ddim / dpmpp2m for fewer calls")
         if sampler == "edm":
             sigmas = []
             for _, sigma_hat, sigma_next, heun in edm_sigmas(self.sigma_table, steps, churn, s_tmin, s_tmax):
@@ -337,11 +351,21 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
 
     @torch.no_grad()
-    def sample_iter(self, n, *, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
-                    clip_denoised=None, x_T=None, generator=None, progress=True,
-                    churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX, s_noise=S_NOISE):
-        """Yield (t, x_t, x̂_0) after every network call; the last x_t is the sample (sample() clamps it
-        to [−1, 1]).
+    def sample_iter(self, n, *, progress=True, **settings):
+        """Yield (t, x_t, x̂_0) after every network call, with a progress bar; the last x_t is the
+        sample (sample() clamps it to [−1, 1]). `settings` are reverse_steps' keywords."""
+        ts, steps = self.reverse_steps(n, **settings)
+        with tqdm(total=len(ts), desc=f"{settings.get('sampler', 'ddpm')} sampling", disable=not progress,
+                  leave=False) as bar:
+            for out in steps:
+                bar.update()
+                yield out
+
+    def reverse_steps(self, n, *, sampler="ddpm", steps=None, eta=0.0, labels=None, guidance=0.0,
+                      clip_denoised=None, x_T=None, generator=None,
+                      churn=CHURN, s_tmin=S_TMIN, s_tmax=S_TMAX, s_noise=S_NOISE):
+        """-> (ts, the sampler's step generator), which yields (t, x_t, x̂_0) after every network call
+        at the steps ts; the last x_t is the sample.
 
         sampler "ddpm": DDPM Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
             ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
@@ -380,7 +404,7 @@ class GaussianDiffusion(nn.Module):
         else:
             plan = edm_sigmas(self.sigma_table, len(ts), churn, s_tmin, s_tmax)
             step_iter = edm_steps(self, x, plan, s_noise, labels, guidance, clip_denoised, randn)
-        yield from tqdm(step_iter, total=len(ts), desc=f"{sampler} sampling", disable=not progress, leave=False)
+        return ts, step_iter
 
     def _ddpm_steps(self, x, labels, guidance, clip_denoised, randn):
         """DDPM Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t·z, z ~ N(0, I), and z = 0 at the last step."""
@@ -410,18 +434,22 @@ class GaussianDiffusion(nn.Module):
             yield t_now, x, x0
 
     @torch.no_grad()
-    def sample(self, n, *, trajectory_every=None, **settings):
-        """Draw n images, (n, C, H, W) in [−1, 1]. `settings` are sample_iter's keywords.
+    def sample(self, n, *, trajectory_every=None, progress=True, **settings):
+        """Draw n images, (n, C, H, W) in [−1, 1]. `settings` are reverse_steps' keywords.
 
         With trajectory_every = k, also return the trajectory: a list of (t, x_t, x̂_0) for every
         k-th step and the last one, on the CPU, for animations.
         """
+        ts, steps = self.reverse_steps(n, **settings)                # the sampler: one network call a step
+        bar = tqdm(total=len(ts), desc=f"{settings.get('sampler', 'ddpm')} sampling", disable=not progress, leave=False)
         trajectory = []
         k = x = x0 = None
-        for k, (t, x, x0) in enumerate(self.sample_iter(n, **settings)):
+        for k, (t, x, x0) in enumerate(steps):
+            bar.update()
             if trajectory_every and k % trajectory_every == 0:
                 trajectory.append((t, x.cpu(), x0.cpu()))
         if trajectory_every and k % trajectory_every != 0:                               # and the last step
             trajectory.append((t, x.cpu(), x0.cpu()))
+        bar.close()
         x = x.clamp(-1, 1)
         return (x, trajectory) if trajectory_every else x

@@ -2,7 +2,7 @@
 
     python generate_cifar.py                                         # samples/cifar10_grid_ddpm1000.png
     python generate_cifar.py --steps 50                              # the same grid from 50 of the 1000 steps
-    python generate_cifar.py --sampler ddim --steps 100 --guidance 1  # faster, with guidance (conditional)
+    python generate_cifar.py --sampler ddim --steps 100 --guidance 1  # samples/cifar10_grid_ddim100_w1.png
     python generate_cifar.py --n 50000 --batch-size 1000 --npz samples/cifar10_50k.npz
     python fid.py --samples samples/cifar10_50k.npz --dataset cifar10 --inception-weights PATH
 
@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 
 from plumbing.data import default_class_names
 from plumbing.images import ensure_parent, make_grid, to_pil
-from plumbing.sampling import build_parser, sample_from_args, write_outputs
+from plumbing.sampling import build_parser, guidance_tag, sample_from_args, write_outputs
 
-GRID = "samples/<run>_grid_<sampler><steps>.png"      # the default grid path
+GRID = "samples/<run>_grid_<sampler><steps><w>.png"   # the default grid path; <w>: sampling.guidance_tag
 
 
 def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
@@ -46,7 +46,7 @@ def labelled_grid(images, labels, class_names, per_class=10, zoom=1, padding=2):
 
 
 def main(argv=None):
-    p = build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID, steps=None,
+    p = build_parser(__doc__, ckpt="checkpoints/cifar10_ema.pt", n=100, grid=GRID,
                      shipped="pretrained/cifar10.pt")
     p.add_argument("--per-class", type=int, default=10, help="images per class row in the labelled grid (default: 10)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the grid by this integer factor (default: 1)")
@@ -55,8 +55,9 @@ def main(argv=None):
     write_outputs(args, images, labels, resolved, config, trajectory, grid=False)     # all but the grid
     if args.no_grid:
         return
-    grid_path = args.grid or GRID.replace("<run>", resolved["run"]).replace(
-        "<sampler>", args.sampler).replace("<steps>", str(resolved["steps"]))
+    grid_path = args.grid or GRID.replace("<run>", resolved["run"]).replace(       # a guided grid never
+        "<sampler>", args.sampler).replace("<steps>", str(resolved["steps"])).replace(  # replaces w = 0's
+        "<w>", guidance_tag(resolved))
     ensure_parent(grid_path)
     if labels is not None and args.class_ is None:
         names = default_class_names(config["model"]["num_classes"], config.get("data", {}).get("class_names"))

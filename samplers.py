@@ -1,6 +1,7 @@
 """The two fast samplers beside DDPM's and DDIM's: EDM's stochastic Heun on noise levels σ (Karras
-et al. 2022, Alg. 2) and DPM-Solver++(2M) (Lu et al. 2022). Each step function is a generator of
-(t, x_t, x̂_0), one per network call, that GaussianDiffusion.sample_iter runs by name; x_t is always
+et al. 2022, Alg. 2) and DPM-Solver++(2M) (Lu et al. 2022); and the guidance rules (Guidance).
+Each step function is a generator of (t, x_t, x̂_0), one per network call, that
+GaussianDiffusion.reverse_steps runs by name; x_t is always
 in DDPM's scaling √ᾱ·x_0 + √(1−ᾱ)·ε.
 
 EDM's view of the discrete model: σ_t = √((1−ᾱ_t)/ᾱ_t) (diffusion.sigma_table), x_σ = x_t/√ᾱ_t =
@@ -8,6 +9,7 @@ x_0 + σ·ε, and the denoiser D(x_σ; σ) = x̂_0 at the (fractional) step whos
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +28,14 @@ RHO = 7.0                                # EDM eq. 5: ρ = 7 spaces the noise le
 # 8 of 13 steps above 80, steps that change nothing: a 25-call Heun sampler then scored FID-300 116 on the
 # faces model instead of 69 (README, "Samplers on the faces model").
 SIGMA_MAX = 80.0
+# The fewest network calls from which EDM's sampler uses Heun's correction and gives images. With 3 to
+# 5 calls the plan holds a Heun step from σ̂ ≈ 3.5 (or 80) straight down to σ_min ≈ 0.01: its slope
+# d′ = (x − D(x; σ_min))/σ_min is taken at the Euler guess, a blurred mean image, so the model's error
+# at σ_min is divided by σ_min and multiplied by the jump's half-length (×100…×4000): salt-and-pepper
+# noise on all three shipped models (tests/test_samplers.py). From 6 calls the last Heun step starts
+# at σ ≈ 0.8 and the images are there; EDM's own schedules take ≥ 18 steps. 1 or 2 calls are Euler
+# steps only, DDIM-like blurred means: those stand, and 3 to 5 are refused.
+EDM_MIN_CALLS = 6
 
 
 def sigma_to_t(sigma_table, sigma):
@@ -47,6 +57,58 @@ def t_to_sigma(sigma_table, t):
     low = t.floor().long().clamp(0, len(log_sigmas) - 2)
     w = t - low
     return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a sampling call is guided; GaussianDiffusion.network applies it at every call:
+        out = (1 + w)·out(x_t, t, y) − w·out_guide(x_t, t)
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6), guide = None: out_guide is the same
+        network given the null label ∅ (conditional models only).
+    Autoguidance (Karras et al. 2024, eq. 1 with their w = 1 + ours), guide = a GaussianDiffusion:
+        out_guide is that weaker model of the same recipe (trained shorter, or smaller), given the
+        same labels; it needs no labels, so it guides an unconditional model too.
+    Guidance interval (Kynkäänniemi et al. 2024): w where σ_lo < σ_t ≤ σ_hi, 0 elsewhere, and there
+        the guide is not run. σ_t = √((1−ᾱ_t)/ᾱ_t), EDM's noise level of step t.
+    A plain float w given as `guidance` anywhere means Guidance(w): CFG at every step."""
+    w: float = 0.0
+    sigma_lo: float = 0.0
+    sigma_hi: float = math.inf
+    guide: object = None
+
+    def weight_at(self, sigma_table, t):
+        """w at step t ((B,) tensor of one step, integer or fractional), 0 outside the interval."""
+        if self.w == 0.0 or (self.sigma_lo <= 0.0 and self.sigma_hi == math.inf):
+            return self.w                                      # no interval: no σ lookup (no host sync)
+        sigma = t_to_sigma(sigma_table, t[0].item()).item()                                     # σ_t
+        return self.w if self.sigma_lo < sigma <= self.sigma_hi else 0.0
+
+    def calls(self, sigma_table, ts, labels=True):
+        """Network calls per image over the sampler's steps ts (sampling_timesteps): one per step,
+        two where w ≠ 0 (CFG on an unconditional model, labels False, is never applied)."""
+        if self.guide is None and not labels:
+            return len(ts)
+        return sum(1 + (self.weight_at(sigma_table, torch.tensor([t])) != 0.0) for t in ts)
+
+
+def as_guidance(guidance):
+    """A float w or a Guidance -> Guidance, checked: w a finite number ≥ 0, 0 ≤ σ_lo < σ_hi."""
+    g = guidance if isinstance(guidance, Guidance) else Guidance(guidance)
+    if isinstance(g.w, bool) or not isinstance(g.w, (int, float)) or not math.isfinite(g.w) or g.w < 0:
+        raise ValueError(f"the guidance weight w must be a number ≥ 0 (0 = none), got {g.w!r}")
+    if not 0 <= g.sigma_lo < g.sigma_hi:
+        raise ValueError(f"the guidance interval needs 0 ≤ σ_lo < σ_hi, got ({g.sigma_lo}, {g.sigma_hi}]")
+    return g
+
+
+def check_guide(diffusion, guide):
+    """Autoguidance mixes two networks' raw outputs at the same (x_t, t): that needs the same T,
+    schedule, objective, image size and channels. -> None, or ValueError naming the difference."""
+    for name in ("num_timesteps", "schedule", "objective", "image_size", "channels"):
+        ours, theirs = getattr(diffusion, name), getattr(guide, name)
+        if ours != theirs:
+            raise ValueError(f"the guide model has {name} = {theirs!r} but the model has {ours!r}; "
+                             "autoguidance needs a guide of the same recipe (a shorter run or a smaller network)")
 
 
 def denoise(diffusion, x, sigma, labels=None, guidance=0.0, clip_denoised=None):
@@ -131,7 +193,7 @@ def dpmpp2m_steps(diffusion, x, ts, labels, guidance, clip_denoised):
     x_{t′} = (σ_{t′}/σ_t)·x_t − α_{t′}·(e^{−h_i} − 1)·D_i
     The first step has no previous x̂_0 and takes D_1 = x̂_0 (first order, which is DDIM's η = 0 step);
     so does the last, to ᾱ = 1 (λ = ∞, h = ∞): x_0 = x̂_0, like DDIM's last step."""
-    alpha_bar = diffusion.alphas_cumprod.double().cpu()
+    alpha_bar = diffusion.alphas_cumprod.cpu().double()                       # host float64 (MPS has none)
     x0_prev = h_prev = None
     for i, t_now in enumerate(ts):
         t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)

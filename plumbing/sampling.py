@@ -4,7 +4,8 @@ sampling settings against a model, the command-line flags, and batched sampling 
     DEFAULT_SAMPLER, DEFAULT_STEPS          the fast default of generate.py, the demo, fid.py, the trainer
     resolve_sampling(diffusion, config, …)  -> (steps, labels, class) or SamplingError
     sample_images(diffusion, n, …)          -> (N, H, W, C) uint8, the same for the same seed on every device
-    build_parser / sample_from_args / write_outputs    generate.py's and generate_cifar.py's command line
+    build_parser, open_from_args, settings_from_args, batches, write_outputs
+                                            the steps generate.py shows; sample_from_args: them in one call
 
 The same --seed gives the same images on every device: the noise comes from a CPU torch.Generator
 (for the same --n and --batch-size). A conditional model without --class samples the classes in
@@ -23,6 +24,7 @@ from plumbing.checkpoint import CheckpointError, load_for_sampling
 from plumbing.data import default_class_names
 from plumbing.device import pick_device, synchronize, time_call
 from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from samplers import Guidance, as_guidance, check_guide
 from plumbing.images import save_gif, save_grid, save_npz, save_pngs, to_uint8
 
 
@@ -43,27 +45,33 @@ def default_batch_size(image_size):
     return max(1, min(256, BATCH_PIXELS // image_size ** 2))
 
 
+def batches(n, batch_size, labels=None, device="cpu"):
+    """Yield (b, y) for n images in batches of batch_size: the batch's size and its labels on `device`
+    ((b,) ints), or None for an unconditional model. generate.py's loop and sample_images share it."""
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        yield b, (labels[start:start + b].to(device) if labels is not None else None)
+
+
 @torch.no_grad()
 def sample_images(diffusion, n, *, batch_size=None, seed=0, labels=None, progress=True, trajectory_every=None,
                   **settings):
     """Draw n images batch by batch -> (N, H, W, C) uint8 numpy (and the first batch's trajectory
     if trajectory_every is set). labels: (n,) int tensor or None; settings: sampler, steps, eta,
-    guidance (GaussianDiffusion.sample_iter's keywords). All noise comes from one CPU generator
+    guidance (GaussianDiffusion.reverse_steps' keywords). All noise comes from one CPU generator
     seeded with `seed`, so the images do not depend on the device. batch_size: default_batch_size."""
     batch_size = batch_size or default_batch_size(diffusion.image_size)
     generator = torch.Generator().manual_seed(seed)
     device = diffusion.betas.device
     images, trajectory = [], None
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        y = labels[start:start + b].to(device) if labels is not None else None
+    for b, y in batches(n, batch_size, labels, device):
         every = trajectory_every if trajectory is None else None
         out = diffusion.sample(b, labels=y, generator=generator, progress=progress, trajectory_every=every,
                                **settings)
         x, trajectory = out if every else (out, trajectory)
         images.append(to_uint8(x))
         if progress and n > batch_size:
-            print(f"  {start + b}/{n} images")
+            print(f"  {sum(map(len, images))}/{n} images")
     images = np.concatenate(images)
     return (images, trajectory) if trajectory_every else images
 
@@ -87,16 +95,19 @@ def resolve_class(value, num_classes, class_names=None):
                         + ", ".join(f"{i}={name}" for i, name in enumerate(names)))
 
 
-def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guidance=0.0, clamp=False):
+def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guidance=0.0, cap_steps=False,
+                     guide=False):
     """The one check of the sampling settings against a model, for generate.py, fid.py and app.py.
 
     -> (steps the sampler will take, labels (n,) or None, class index or None). class_ None means
-    the classes in turn on a conditional model. Raises SamplingError saying what was wrong and
-    what to do; the scripts turn it into one line (SystemExit, gr.Error)."""
+    the classes in turn on a conditional model. cap_steps: a default `steps` above the model's T
+    is taken as T (a model with a short chain); without it, it is refused. Raises SamplingError
+    saying what was wrong and what to do; the scripts turn it into one line (SystemExit, gr.Error).
+    guide: a guide model is given (autoguidance), so w needs no classes."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SamplingError("n", f"the number of images must be a whole number ≥ 1, got {n!r}")
     try:
-        steps = len(diffusion.sampling_timesteps(sampler, steps, clamp=clamp))
+        steps = len(diffusion.sampling_timesteps(sampler, steps, cap_steps=cap_steps))
     except ValueError as e:
         raise SamplingError("sampler" if sampler not in SAMPLERS else "steps", str(e)) from None
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
@@ -104,7 +115,7 @@ def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guida
         raise SamplingError("guidance", f"the guidance weight w must be a number ≥ 0 (0 = none), got {guidance!r}")
     num_classes = config["model"].get("num_classes")
     if num_classes is None:
-        if class_ is not None or guidance:
+        if class_ is not None or (guidance and not guide):
             setting = "class" if class_ is not None else "guidance"
             raise SamplingError(setting, "only for class-conditional models, but this checkpoint is "
                                 "unconditional (config model.num_classes is None); leave it out")
@@ -113,6 +124,13 @@ def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guida
         return steps, classes_in_turn(n, num_classes), None
     c = resolve_class(class_, num_classes, config.get("data", {}).get("class_names"))
     return steps, torch.full((n,), c, dtype=torch.long), c
+
+
+def set_threads(threads):
+    """--threads: PyTorch's CPU threads (generate.py, fid.py and the demo), or SystemExit if not ≥ 1."""
+    if threads < 1:
+        raise SystemExit(f"error: --threads {threads}: use a whole number ≥ 1 (or leave it out: one per core)")
+    torch.set_num_threads(threads)
 
 
 def open_checkpoint(path, device, amp=True):
@@ -132,13 +150,16 @@ def default_checkpoint(trained, shipped):
     return shipped
 
 
+# The samplers in one line, for every --sampler flag (generate.py, fid.py, the trainers' --sample-sampler).
+SAMPLER_HELP = ("ddpm: DDPM Algorithm 2 (ancestral; respaced below T steps); ddim: DDIM eq. 12 (η = 0: "
+                "deterministic); edm: EDM Alg. 2 (stochastic Heun with churn); dpmpp2m: DPM-Solver++(2M), an ODE solver")
+
+
 def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
     """The flags that say how to sample a checkpoint; generate.py, generate_cifar.py and fid.py share them.
     steps: the default --steps (None: all T for ddpm, 50 for the others)."""
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                   help="ddpm: DDPM Algorithm 2 (ancestral; respaced below T steps); ddim: DDIM eq. 12; edm: EDM "
-                        "Alg. 2 (stochastic Heun with churn); dpmpp2m: DPM-Solver++(2M), an ODE solver "
-                        "(default: %(default)s)")
+                   help=f"{SAMPLER_HELP} (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="network calls per image, 1 … T; T with ddpm is Algorithm 2's full chain (default: "
                         + (f"{steps}, at most T)" if steps else "all T for ddpm, 50 for the others)"))
@@ -154,8 +175,17 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
     p.add_argument("--class", dest="class_", metavar="CLASS", default=None,
                    help="conditional models: a class name or index for every image (default: classes in turn)")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance weight w: (1+w)·cond − w·uncond (default: 0)")
+                   help="guidance weight w: (1+w)·cond − w·uncond, classifier-free (default: 0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None,
+                   help="apply w only where SIGMA_LO < σ_t ≤ SIGMA_HI, σ_t = √((1−ᾱ_t)/ᾱ_t), one network call "
+                        "elsewhere (Kynkäänniemi et al. 2024; e.g. 0.28 5.42; default: every step)")
+    p.add_argument("--guide", metavar="CKPT", default=None,
+                   help="autoguidance (Karras et al. 2024): (1+w)·model − w·guide, the guide a shorter-trained or "
+                        "smaller model of the same recipe, in place of the unconditional output; works for "
+                        "unconditional models too (default: none, classifier-free)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="run the network in bf16 where that is fast: CUDA, and CPUs with AVX512-BF16 or AMX "
                         "(--no-amp: float32; default: on)")
@@ -185,24 +215,35 @@ def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
     return p
 
 
-def sample_from_args(args):
-    """Open args.ckpt, check the sampling flags and sample -> (images uint8 N×H×W×C, labels or None,
-    resolved settings, config, trajectory or None). Used by generate.py and by fid.py --ckpt."""
+def open_from_args(args):
+    """The checks of the flags that need no model, then the checkpoint (args.ckpt, else the trained or
+    the shipped default) opened on args.device -> (GaussianDiffusion with the EMA weights, config)."""
+    if args.threads is not None:
+        set_threads(args.threads)
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit("error: --batch-size must be at least 1")
     if args.churn is not None and (args.sampler != "edm" or args.churn < 0):
         raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
     if args.ckpt is None:
         args.ckpt = default_checkpoint(args.trained_ckpt, args.shipped_ckpt)
-    device = pick_device(args.device)
-    diffusion, config = open_checkpoint(args.ckpt, device, args.amp)
+    return open_checkpoint(args.ckpt, pick_device(args.device), args.amp)
+
+
+def settings_from_args(args, diffusion, config):
+    """The sampling flags checked against the model (resolve_sampling) and printed in one line, with
+    what the model has seen and an estimate of the time -> (diffusion.sample's keywords: sampler,
+    steps, eta, guidance, clip_denoised, churn; labels (n,) or None; the resolved settings)."""
     args.batch_size = args.batch_size or default_batch_size(diffusion.image_size)
     requested = args.steps if args.steps is not None else getattr(args, "default_steps", None)
     try:
         steps, labels, _ = resolve_sampling(diffusion, config, sampler=args.sampler, steps=requested, n=args.n,
-                                            class_=args.class_, guidance=args.guidance, clamp=args.steps is None)
+                                            class_=args.class_, guidance=args.guidance, cap_steps=args.steps is None,
+                                            guide=args.guide is not None)
     except SamplingError as e:
         raise SystemExit(f"error: --{e.setting}: {e}") from None
+    guidance = guidance_from_args(args, diffusion)
+    calls = guidance.calls(diffusion.sigma_table, diffusion.sampling_timesteps(args.sampler, steps),
+                           labels=labels is not None)
     dataset = config.get("dataset", "model")
     run_name = config.get("train", {}).get("run_name") or dataset      # the name the trainer gave its files
     names = config.get("data", {}).get("class_names")
@@ -214,31 +255,84 @@ def sample_from_args(args):
                 "T": diffusion.num_timesteps, "schedule": diffusion.schedule, "objective": diffusion.objective,
                 "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
                 "churn": (CHURN if args.churn is None else args.churn) if args.sampler == "edm" else None,
-                "labels": label_desc, "guidance": args.guidance if labels is not None else None,
+                "labels": label_desc, "guidance": args.guidance if labels is not None or args.guide else None,
+                "guidance_interval": args.guidance_interval, "guide": args.guide,
                 "clip_denoised": diffusion.clips(args.clip_denoised), "n": args.n, "batch_size": args.batch_size,
-                "seed": args.seed, "device": str(device),
+                "seed": args.seed, "device": str(diffusion.betas.device),
                 "precision": "bf16 autocast" if diffusion.amp else "float32"}
     print("generate: " + ", ".join(f"{k}={v}" for k, v in resolved.items() if v is not None))
-    describe_training(diffusion, config)
-    calls = steps * (2 if args.guidance and labels is not None else 1)
+    describe_training(diffusion, config, shipped=getattr(args, "shipped_ckpt", None), ckpt=args.ckpt)
     print(f"about {estimate_seconds(diffusion, min(args.batch_size, args.n), args.n, calls):.0f} s to sample "
-          f"{args.n} images ({steps} steps{', guidance: 2 network calls each' if calls > steps else ''}; "
+          f"{args.n} images ({steps} steps{f', {calls} network calls each with guidance' if calls > steps else ''}; "
           f"timed here on a warm call)")
-    trajectory_every = max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
-    t0 = time.perf_counter()
+    resolved["calls"] = calls
     extra = {"churn": args.churn} if args.sampler == "edm" and args.churn is not None else {}
-    out = sample_images(diffusion, args.n, sampler=args.sampler, steps=steps, eta=args.eta, labels=labels, **extra,
-                        guidance=args.guidance, clip_denoised=args.clip_denoised, batch_size=args.batch_size,
-                        seed=args.seed, trajectory_every=trajectory_every)
+    settings = dict(sampler=args.sampler, steps=steps, eta=args.eta, guidance=guidance,
+                    clip_denoised=args.clip_denoised, **extra)
+    return settings, labels, resolved
+
+
+def guidance_from_args(args, diffusion):
+    """--guidance, --guidance-interval and --guide -> a samplers.Guidance (the guide loaded beside the
+    model, on its device), or one line saying what was wrong."""
+    lo, hi = args.guidance_interval or (0.0, math.inf)
+    guide = None
+    if args.guide is not None:
+        if not args.guidance:
+            raise SystemExit("error: --guide: autoguidance needs a weight, e.g. --guidance 1")
+        guide, _ = open_checkpoint(args.guide, diffusion.betas.device, args.amp)
+        try:
+            check_guide(diffusion, guide)
+        except ValueError as e:
+            raise SystemExit(f"error: --guide {args.guide}: {e}") from None
+    try:
+        return as_guidance(Guidance(args.guidance, lo, hi, guide))
+    except ValueError as e:
+        raise SystemExit(f"error: --guidance-interval: {e}") from None
+
+
+def guidance_tag(resolved):
+    """A file-name tag for the guidance settled in `resolved`: "" without, "_w1" for classifier-free
+    w = 1, "_w2_s0.28-5.42" in a σ interval, "_w1_guide" for autoguidance; so that a guided grid
+    never overwrites an unguided one."""
+    if not resolved.get("guidance"):
+        return ""
+    tag = f"_w{resolved['guidance']:g}"
+    if resolved.get("guidance_interval"):
+        tag += "_s{:g}-{:g}".format(*resolved["guidance_interval"])
+    return tag + ("_guide" if resolved.get("guide") else "")
+
+
+def gif_every(args, steps):
+    """--gif: keep every k-th step of the first batch's trajectory, for about --gif-frames frames; else None."""
+    return max(1, steps // args.gif_frames) if getattr(args, "gif", None) else None
+
+
+def timed(resolved, n, t0, device):
+    """After sampling n images since t0 (time.perf_counter): the seconds into `resolved`, and one line."""
     synchronize(device)
     resolved["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"sampled {args.n} images in {resolved['seconds']} s ({args.n / max(resolved['seconds'], 1e-9):.1f} img/s)")
+    print(f"sampled {n} images in {resolved['seconds']} s ({n / max(resolved['seconds'], 1e-9):.1f} img/s)")
+
+
+def sample_from_args(args):
+    """generate.py's steps in one call, for fid.py --ckpt and generate_cifar.py: open the checkpoint,
+    check the flags, sample -> (images uint8 N×H×W×C, labels or None, resolved settings, config,
+    trajectory or None)."""
+    diffusion, config = open_from_args(args)
+    settings, labels, resolved = settings_from_args(args, diffusion, config)
+    trajectory_every = gif_every(args, settings["steps"])
+    t0 = time.perf_counter()
+    out = sample_images(diffusion, args.n, labels=labels, batch_size=args.batch_size, seed=args.seed,
+                        trajectory_every=trajectory_every, **settings)
+    timed(resolved, args.n, t0, diffusion.betas.device)
     images, trajectory = out if trajectory_every else (out, None)
     return images, labels, resolved, config, trajectory
 
 
-def describe_training(diffusion, config):
-    """One line: what the model has seen (steps, images, PFLOP, hours); a warning if under one epoch."""
+def describe_training(diffusion, config, shipped=None, ckpt=None):
+    """One line: what the model has seen (steps, images, PFLOP, hours); a warning if under one epoch,
+    naming the shipped model (`shipped`, where it exists and is not `ckpt`) to sample instead."""
     seen = getattr(diffusion, "trained", None) or {}
     if seen.get("step") is None:
         return
@@ -247,8 +341,10 @@ def describe_training(diffusion, config):
           + (f", {flops / 1e15:.3g} PFLOP" if flops else "") + (f", {hours:.2f} h" if hours else ""))
     n_data = config.get("data", {}).get("num_images")
     if images is not None and n_data and images < n_data:
+        instead = (f"; for the shipped model, pass --ckpt {shipped}" if shipped and os.path.exists(shipped)
+                   and not (ckpt and os.path.exists(ckpt) and os.path.samefile(ckpt, shipped)) else "")
         print(f"warning: this model has seen {images:,} images, less than one pass over its {n_data:,} training "
-              "images: expect its samples to be mostly noise")
+              f"images: expect its samples to be mostly noise{instead}")
 
 
 @torch.no_grad()
@@ -267,7 +363,7 @@ def write_outputs(args, images, labels, resolved, config, trajectory=None, grid=
     num_classes = config["model"].get("num_classes")
     ncol = args.ncol or (num_classes if labels is not None and args.class_ is None and args.n >= num_classes else None)
     if grid and not args.no_grid:
-        path = args.grid or os.path.join("samples", f"{name}_{args.sampler}{steps}.png")
+        path = args.grid or os.path.join("samples", f"{name}_{args.sampler}{steps}{guidance_tag(resolved)}.png")
         save_grid(images[:256], path, ncol)
         print(f"wrote grid {path} ({min(args.n, 256)} images)")
     if args.out:
@@ -276,7 +372,8 @@ def write_outputs(args, images, labels, resolved, config, trajectory=None, grid=
     if args.npz:
         extra = {"labels": labels.numpy()} if labels is not None else {}      # unconditional: no labels key
         save_npz(images, args.npz, **extra, dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta,
-                 guidance=args.guidance, seed=args.seed, ckpt=os.path.basename(args.ckpt))
+                 guidance=args.guidance, guidance_tag=guidance_tag(resolved), seed=args.seed,
+                 ckpt=os.path.basename(args.ckpt))
         print(f"wrote {args.npz}: images {images.shape} uint8")
     if args.gif:
         save_gif(trajectory, args.gif, ncol)

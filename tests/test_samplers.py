@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import WavyEps, make_diffusion, reference
-from samplers import SIGMA_MAX, edm_sigmas, sigma_to_t, t_to_sigma
+from conftest import ROOT, WavyEps, make_diffusion, reference
+from samplers import EDM_MIN_CALLS, SIGMA_MAX, edm_sigmas, sigma_to_t, t_to_sigma
 
 T = 1000                                                   # the MNIST runs' linear schedule
 MU = torch.tensor([[0.3, -0.2], [0.1, 0.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
@@ -112,6 +112,10 @@ def test_deterministic_solvers_converge_at_their_order(sampler, counts, settings
 def test_one_network_call_per_timestep_and_one_yield_per_call(sampler, steps):
     model = WavyEps()
     diffusion = make_diffusion(model, timesteps=50)
+    if sampler == "edm" and steps in (3, 5):                        # Heun's jump into σ_min: refused
+        with pytest.raises(ValueError, match=f"edm needs at least {EDM_MIN_CALLS} network calls"):
+            diffusion.sampling_timesteps(sampler, steps)
+        return
     ts = diffusion.sampling_timesteps(sampler, steps)
     yields = list(diffusion.sample_iter(3, sampler=sampler, steps=steps, progress=False))
     calls = steps or 50                              # the default: all T for ddpm, min(50, T) for the others
@@ -144,7 +148,7 @@ def test_guidance_doubles_the_batch_not_the_calls(sampler):
 @pytest.mark.parametrize("sampler, settings, message", [
     *[(sampler, {"steps": steps}, "T = 50") for sampler in SAMPLERS for steps in (0, 51, -1, 2.5, True)],
     ("heun", {"steps": 10}, "unknown sampler 'heun'"),
-    ("edm", {"steps": 5, "eta": 0.5}, "eta"),              # η means something only to DDIM's update
+    ("edm", {"steps": 7, "eta": 0.5}, "eta"),              # η means something only to DDIM's update
     ("dpmpp2m", {"steps": 5, "eta": 0.5}, "eta"),
 ])
 def test_bad_sampler_settings_are_refused_saying_what_was_wrong(sampler, settings, message):
@@ -332,3 +336,29 @@ def test_unknown_loss_weighting_or_nonpositive_gamma_is_refused():
         make_diffusion(WavyEps(), loss_weighting="p2")
     with pytest.raises(ValueError, match="min_snr_gamma"):
         make_diffusion(WavyEps(), loss_weighting="min_snr", min_snr_gamma=0)
+
+
+@pytest.mark.parametrize("calls", [3, 4, 5])
+def test_edm_below_its_minimum_gives_noise_on_the_shipped_digits_model_and_is_refused(calls):
+    # Why EDM_MIN_CALLS: run EDM's plan for 3–5 calls by hand on pretrained/mnist.pt: salt and pepper
+    # (about half the pixels black, half white), where its 6-call samples are digits (mostly black
+    # background, like MNIST's ≈ 80%). sampling_timesteps refuses 3–5 in one line.
+    from plumbing.checkpoint import load_for_sampling
+    from samplers import edm_steps
+    diffusion, _ = load_for_sampling(ROOT / "pretrained" / "mnist.pt", torch.device("cpu"), amp=False)
+    labels = torch.arange(16) % 10
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n_calls):
+        x = torch.randn(16, 1, 28, 28, generator=gen)
+        plan = edm_sigmas(diffusion.sigma_table, n_calls)
+        randn = lambda: torch.randn(16, 1, 28, 28, generator=gen)              # noqa: E731
+        *_, (_, x, _) = edm_steps(diffusion, x, plan, 1.0, labels, 0.0, None, randn)
+        return x.clamp(-1, 1)
+
+    def dark(x):
+        return (x < -0.75).float().mean().item()                               # pixels below 32/255
+
+    assert dark(run(calls)) < 0.6 and dark(run(EDM_MIN_CALLS)) > 0.7
+    with pytest.raises(ValueError, match=f"use {EDM_MIN_CALLS} or more"):
+        diffusion.sample(4, sampler="edm", steps=calls, labels=labels[:4], progress=False)

@@ -19,7 +19,7 @@ def page_rows():
 def test_whiteboard_names_every_core_equation():
     quoted = " ".join(code for _, _, code in page_rows())
     for name in ["sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-                 "eps_coef", "log_var_small", "log_var_large", "guidance", "sigma = eta", "F.mse_loss",
+                 "eps_coef", "log_var_small", "log_var_large", "w * out_uncond", "w * out_guide", "self.sigma_lo < sigma", "sigma = eta", "F.mse_loss",
                  "f / f[0]", "norm2(h) * (1 + gamma) + beta", "θ_ema += (1 − d)", "beta ** 2 / (2 * sigma2",
                  "x = randn() if x_T is None", "for i in reversed(range(self.num_timesteps))", "self.opt.step()"]:
         assert name in quoted, f"the whiteboard quotes no line with {name!r}"
