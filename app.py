@@ -32,11 +32,12 @@ import gradio as gr
 import torch
 
 from plumbing.checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
-from plumbing.device import pick_device, synchronize as sync
+from plumbing.device import DEVICE_HELP, pick_device, synchronize as sync
 from plumbing.data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from plumbing.images import make_grid, to_pil, to_uint8
-from plumbing.sampling import SamplingError, estimate_seconds as sampling_seconds, resolve_sampling
+from plumbing.sampling import (THREADS_HELP, SamplingError, estimate_seconds as sampling_seconds, resolve_sampling,
+                               set_threads)
 
 # ----------------------------------------------------------------------------- the page's limits
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
@@ -443,18 +444,16 @@ def main(argv=None):
                              "pretrained/ and every *_ema.pt in --ckpt-dir")
     parser.add_argument("--ckpt-dir", default=CKPT_DIR,
                         help="folder searched for *_ema.pt without --ckpt (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: %(default)s, this machine only); 0.0.0.0 for the network")
     parser.add_argument("--port", type=port_number, default=7860, help="port to serve on, 1 … 65535 (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     args = parser.parse_args(argv)
     check_port(args.host, args.port)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        set_threads(args.threads)
 
     device = pick_device(args.device)
     paths = discover_checkpoints(args.ckpt_dir, args.ckpt)

@@ -54,7 +54,7 @@ OBJECTIVES = ("eps", "x0", "v")
 VARIANCES = ("beta_tilde", "beta")      # σ_t² = β̃_t ("fixedsmall") or β_t ("fixedlarge"), DDPM §3.2
 SAMPLERS = ("ddpm", "ddim", "edm", "dpmpp2m")
 # The fast default of every script (generate, fid, the demo, the trainer's grids): ancestral DDPM on
-# a 50-step respacing (DDIM eq. 12 with η = 1); README, "Samplers", says why. steps=T is Algorithm 2.
+# a 50-step respacing (DDIM eq. 12 with η = 1); docs/samplers.md says why. steps=T is Algorithm 2.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "ddpm", 50
 LOSS_WEIGHTINGS = ("simple", "min_snr")
 T_SAMPLINGS = ("uniform", "lognormal")

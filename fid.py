@@ -31,7 +31,7 @@ from scoring.inception import Inception, InceptionError, get_inception
 from plumbing.images import save_grid
 from scoring.metrics import PROXY_LABEL, copy_check, reference_stats, score
 from scoring.proxy import ProxyError, get_proxy, train_proxy
-from plumbing.sampling import add_sampling_args, sample_from_args
+from plumbing.sampling import add_sampling_args, guidance_tag, sample_from_args
 
 
 # ----------------------------------------------------------------------------- images in
@@ -51,7 +51,8 @@ def load_samples(path):
         raise FileNotFoundError(f"samples {path} do not exist; write them with generate.py --npz or --out")
     images, _, _ = load_npz(path)
     with np.load(path, allow_pickle=False) as d:
-        meta = {k: d[k].item() for k in ("sampler", "steps", "dataset", "ckpt", "guidance") if k in d.files and d[k].ndim == 0}
+        meta = {k: d[k].item() for k in ("sampler", "steps", "dataset", "ckpt", "guidance", "guidance_tag")
+                if k in d.files and d[k].ndim == 0}
     return images, meta
 
 
@@ -122,7 +123,8 @@ def images_to_score(args, parser):
     to compare against, what is known of how they were sampled)."""
     if args.ckpt:
         images, _, resolved, config, _ = sample_from_args(args)
-        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"]}
+        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"],
+                "calls": resolved["calls"], "guidance_tag": guidance_tag(resolved)}
         return torch.from_numpy(images).permute(0, 3, 1, 2), args.dataset or config["dataset"], meta
     images, meta = load_samples(args.samples)
     if args.first is not None:
@@ -167,7 +169,9 @@ def _main(args, parser):
     seconds = time.time() - t0
     n_ref = int(ref["n"])
     where = (f"n={n} vs {dataset_slug(dataset)} {args.split} ({n_ref} images), sampler={meta.get('sampler', 'unknown')}, "
-             f"steps={meta.get('steps', 'unknown')}")
+             f"steps={meta.get('steps', 'unknown')}"
+             + (f", guidance {meta['guidance_tag'].lstrip('_')}" if meta.get("guidance_tag") else "")
+             + (f", {meta['calls']} calls" if meta.get("calls") else ""))
     kid_label = "proxy KID (not comparable with papers)" if args.proxy else "KID"
     print(f"features: {extractor.description}")
     print(f"{label}: {s['fd']:.3f}   [{where}; {seconds:.0f} s]")
@@ -179,7 +183,8 @@ def _main(args, parser):
               "kid_std": s["kid_std"], "confident": s["confident"], "coverage": s["coverage"], "n": n,
               "sampler": meta.get("sampler"), "steps": meta.get("steps"), "dataset": dataset, "split": args.split,
               "n_ref": n_ref, "features": extractor.description, "label": label, "seconds": seconds,
-              "sample_seconds": meta.get("sample_seconds")}
+              "sample_seconds": meta.get("sample_seconds"), "guidance": meta.get("guidance_tag") or None,
+              "calls": meta.get("calls")}
     if args.copy_check:
         result.update(copies(images, dataset, args))
     if args.json:

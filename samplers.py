@@ -26,7 +26,7 @@ RHO = 7.0                                # EDM eq. 5: ρ = 7 spaces the noise le
 # EDM's σ_max (Table 1). At σ = 80 the signal is 1/√(1 + 80²) ≈ 1.2% of x_t, and x_T ~ N(0, I) stands in
 # for it as EDM's σ_max·n does. A cosine table runs on to σ_{T−1} ≈ 2·10⁴, where eq. 5's ρ = 7 would put
 # 8 of 13 steps above 80, steps that change nothing: a 25-call Heun sampler then scored FID-300 116 on the
-# faces model instead of 69 (README, "Samplers on the faces model").
+# faces model instead of 69 (docs/samplers.md, "A bug the faces table found").
 SIGMA_MAX = 80.0
 # The fewest network calls from which EDM's sampler uses Heun's correction and gives images. With 3 to
 # 5 calls the plan holds a Heun step from σ̂ ≈ 3.5 (or 80) straight down to σ_min ≈ 0.01: its slope

@@ -1,10 +1,10 @@
 """Train a DDPM on 64×64 faces: CelebA (202,599 faces), faces64.npz (4,800 of them) or any folder of faces.
 
     python train_celeba.py                                           # CelebA, from the data dir (below)
-    DDPM_DATA=../shared/data python train_celeba.py                  # faces64.npz from the data dir
-    DDPM_DATA=../shared/data python train_celeba.py --cpu --ckpt-dir ~/ddpm-faces --max-minutes 90    # on a CPU:
-    DDPM_DATA=../shared/data python train_celeba.py --resume --ckpt-dir ~/ddpm-faces --max-minutes 90  # the 3-PFLOP
-                                                                     # run, a sitting at a time (README)
+    DDPM_DATA=path/to/data python train_celeba.py                    # faces64.npz from the data dir
+    DDPM_DATA=path/to/data python train_celeba.py --cpu --ckpt-dir ~/ddpm-faces --max-minutes 90      # on a CPU:
+    DDPM_DATA=path/to/data python train_celeba.py --resume --ckpt-dir ~/ddpm-faces --max-minutes 90    # the 3-PFLOP
+                                                                     # run, a sitting at a time (docs/faces.md)
     python train_celeba.py --dataset path/to/celeba_hq_images        # a folder: center-crop, resize to 64
     torchrun --nproc_per_node=4 train_celeba.py                      # several GPUs (DDP)
 
@@ -37,7 +37,7 @@ DEFAULTS = dict(
 )
 
 
-# The CPU recipe (README, "Faces on two CPU cores"): the FLOPs go to 16×16 and 8×8 (16 channels at 64×64), the
+# The CPU recipe (docs/faces.md, "Where the FLOPs go"): the FLOPs go to 16×16 and 8×8 (16 channels at 64×64), the
 # parameters to 8×8 and 4×4, and training's noise levels up by ln 2 for 64 px; each choice measured by short
 # runs at equal PFLOP.
 CPU = dict(base_channels=16, channel_mults=[1, 2, 4, 8, 8], num_res_blocks=1, attn_resolutions=[16],  # 1.05 GFLOP

@@ -1,11 +1,11 @@
 """Train the DDPM CIFAR-10 model (Ho et al. 2020, appendix B): 35.52M parameters, 32×32 colour.
 
-    DDPM_DATA=../shared/data python train_cifar.py                       # the paper's run (one GPU)
-    DDPM_DATA=../shared/data torchrun --nproc_per_node=8 train_cifar.py  # the same on 8 GPUs (DDP)
-    DDPM_DATA=../shared/data python train_cifar.py --cpu --ckpt-dir ~/ddpm-cifar --max-minutes 90   # on a CPU: the
-    DDPM_DATA=../shared/data python train_cifar.py --resume --ckpt-dir ~/ddpm-cifar --max-minutes 90  # 5-PFLOP run, a
-                                                                         # sitting at a time (README)
-    DDPM_DATA=../shared/data python train_cifar.py --small --max-minutes 60   # a quick, smaller run
+    DDPM_DATA=path/to/data python train_cifar.py                         # the paper's run (one GPU)
+    DDPM_DATA=path/to/data torchrun --nproc_per_node=8 train_cifar.py    # the same on 8 GPUs (DDP)
+    DDPM_DATA=path/to/data python train_cifar.py --cpu --ckpt-dir ~/ddpm-cifar --max-minutes 90     # on a CPU: the
+    DDPM_DATA=path/to/data python train_cifar.py --resume --ckpt-dir ~/ddpm-cifar --max-minutes 90    # 5-PFLOP run, a
+                                                                         # sitting at a time (docs/cifar10.md)
+    DDPM_DATA=path/to/data python train_cifar.py --small --max-minutes 60     # a quick, smaller run
     python train_cifar.py --resume                                       # continue after a stop
 
 The paper trained 800k steps at batch 128 on a TPU v3-8 (about 10.6 h); --batch-size is the
@@ -24,7 +24,7 @@ DEFAULTS = dict(
     steps=800_000, log_every=100, sample_every=5000, save_every=5000,      # steps
 )
 
-# The CPU recipe (README, "CIFAR-10 on two CPU cores"): each choice measured by short runs at equal PFLOP.
+# The CPU recipe (docs/cifar10.md, "The recipe"): each choice measured by short runs at equal PFLOP.
 CPU = dict(base_channels=32, channel_mults=[1, 2, 4, 4], num_res_blocks=1, attn_resolutions=[16],  # 0.81 GFLOP
            dropout=0.1, class_cond=True, objective="v", schedule="cosine",
            t_sampling="lognormal", loss_weighting="simple",

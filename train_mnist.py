@@ -1,6 +1,6 @@
 """Train a DDPM on MNIST digits (28×28 grey); on a 2-core CPU, digits a classifier is sure of in 15 minutes.
 
-    DDPM_DATA=../shared/data python train_mnist.py --max-minutes 15
+    DDPM_DATA=path/to/data python train_mnist.py --max-minutes 15
     python generate.py --ckpt checkpoints/mnist_ema.pt          # then sample from it: one digit per column
     python train_mnist.py --no-class-cond --objective eps --schedule linear --lr-schedule constant \
         --loss-weighting simple                                 # the paper's own model and loss, for comparison
@@ -8,7 +8,7 @@
 
 import trainer
 
-# Every choice below won a 15-minute run on a 2-core CPU; the numbers are in the README's
+# Every choice below won a 15-minute run on a 2-core CPU; the numbers are in docs/mnist.md,
 # "What made MNIST better".
 DEFAULTS = dict(
     dataset="mnist",

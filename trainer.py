@@ -13,6 +13,7 @@ run shows is plumbing/runlog.py.
 
 Outputs (only rank 0 writes):
     <ckpt-dir>/<run>.pt, <run>_ema.pt       full state for --resume; EMA weights for sampling
+    <ckpt-dir>/<run>_ema<d>.pt              the EMA of each --ema-extra-decays d, for sampling
     <sample-dir>/<run>_step<N>.png          grids from the EMA model, fixed noise
     <log-dir>/<run>/                        log.csv, loss.png, eval.csv, TensorBoard events
 
@@ -58,10 +59,12 @@ class Run:
     """Everything one training run holds: model, EMA, optimiser, data stream, counters; and what uses
     all of it: the budget's progress, the optimiser step, the log row, the save."""
 
-    def __init__(self, args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path):
+    def __init__(self, args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path,
+                 ema_extra=None):
         self.args, self.config, self.device, self.rank, self.world = args, config, device, rank, world
         self.model, self.train_model, self.diffusion, self.opt, self.ema, self.batches = (
             model, train_model, diffusion, opt, ema, batches)
+        self.ema_extra = ema_extra or {}        # --ema-extra-decays: {decay: EMA}, each as self.ema
         self.ckpt_path = ckpt_path
         self.master = rank == 0
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -92,9 +95,13 @@ class Run:
             self.opt.found_inf = (~ok).float()
             self.opt.step()                                             # Alg. 1: gradient step on θ
             self.ema.update(self.model, keep=ok)                       # θ_ema ← d·θ_ema + (1 − d)·θ
+            for ema in self.ema_extra.values():
+                ema.update(self.model, keep=ok)                         # the same, with each extra d
         elif ok:
             self.opt.step()                                             # Alg. 1: gradient step on θ
             self.ema.update(self.model)                                 # θ_ema ← d·θ_ema + (1 − d)·θ
+            for ema in self.ema_extra.values():
+                ema.update(self.model)                                  # the same, with each extra d
         bad = (~ok).float()
         self.sums[LOSS] += loss.detach().float().nan_to_num(0.0, 0.0, 0.0) * (1 - bad)
         self.sums[GRAD_NORM] += grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0) * (1 - bad)
@@ -127,9 +134,10 @@ class Run:
                 "nan_skipped": self.nan_skipped}
 
     def save(self):
-        """Full state to <run>.pt and the EMA weights to <run>_ema.pt (checkpoint.save_run). A write that
-        fails (a full disk, a folder made read-only) leaves the previous files intact and says so in
-        one line; the run goes on and tries again at the next save. -> whether it was saved."""
+        """Full state to <run>.pt and the EMA weights to <run>_ema.pt and each <run>_ema<d>.pt
+        (checkpoint.save_run). A write that fails (a full disk, a folder made read-only) leaves the
+        previous files intact and says so in one line; the run goes on and tries again at the next
+        save. -> whether it was saved."""
         states = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(states, rng_state(self.device))
@@ -140,7 +148,8 @@ class Run:
                  "train_flops": self.train_flops, **({"rng_ranks": states} if self.world > 1 else {})}
         try:
             save_run(self.ckpt_path, self.ema_path, self.config, self.model, self.ema, self.opt, self.step,
-                     rng_state(self.device), self.batches.state_dict(), stats)
+                     rng_state(self.device), self.batches.state_dict(), stats,
+                     [(d, ema, self.extra_ema_path(d)) for d, ema in self.ema_extra.items()])
         except CheckpointError as e:
             raise SystemExit(str(e)) from None
         except OSError as e:
@@ -155,6 +164,13 @@ class Run:
     @property
     def ema_path(self):
         return self.ckpt_path.with_name(f"{self.args.run_name}_ema.pt")
+
+    def extra_ema_path(self, decay):
+        return self.ckpt_path.with_name(f"{self.args.run_name}_ema{decay}.pt")      # e.g. cifar10_ema0.9995.pt
+
+    def saved_files(self):
+        """The files a save writes, for the run's summary lines."""
+        return [str(p) for p in (self.ckpt_path, self.ema_path, *map(self.extra_ema_path, self.ema_extra))]
 
     def ema_now(self):
         """The EMA weights copied into ema_model -> ema_diffusion, to sample grids and evaluations from."""
@@ -247,6 +263,7 @@ def build_run(args, explicit, device, rank, world, say, lock):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda" or args.debug_sync_free)
     ema = EMA(model, args.ema_decay, warmup=args.ema_warmup)      # decay and warmup: from the flags, always
+    ema_extra = {d: EMA(model, d, warmup=args.ema_warmup) for d in args.ema_extra_decays}
     train_model = model
     if device.type == "cuda":
         cuda_fast_settings(model)
@@ -254,9 +271,9 @@ def build_run(args, explicit, device, rank, world, say, lock):
         train_model = torch.compile(model)              # `model` (uncompiled) is what gets saved
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path)
+    run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path, ema_extra)
     if ckpt is not None:
-        restore(run, ckpt)
+        restore(run, ckpt, say)
     elif world > 1:
         torch.manual_seed(args.seed + 1000 * rank)     # same initial weights, different noise per rank
 
@@ -273,11 +290,24 @@ def build_run(args, explicit, device, rank, world, say, lock):
     return run
 
 
-def restore(run, ckpt):
-    """--resume: the weights, optimiser, EMA, data position, counters and random streams of a checkpoint."""
+def restore(run, ckpt, say=print):
+    """--resume: the weights, optimiser, EMA, data position, counters and random streams of a checkpoint.
+    An extra EMA decay the checkpoint lacks starts from the current weights; one it has but the run
+    no longer keeps is left out (one line says which)."""
     run.model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.ema.load_state_dict(ckpt["ema"])
+    stored = ckpt.get("ema_extra", {})
+    for d in run.ema_extra:
+        if str(d) in stored:
+            run.ema_extra[d].load_state_dict(stored[str(d)])
+        else:
+            run.ema_extra[d] = EMA(run.model, d, warmup=run.args.ema_warmup)      # θ_ema,0 = θ now
+    new = [str(d) for d in run.ema_extra if str(d) not in stored]
+    dropped = [d for d in stored if float(d) not in run.ema_extra]
+    if new or dropped:
+        say(f"note: --ema-extra-decays: {', '.join(new) or 'none'} start(s) now, at step {ckpt['step']}, from the "
+            f"current weights; {', '.join(dropped) or 'none'} no longer kept (its file stays at its last save)")
     run.batches.load_state_dict(ckpt["data_state"])
     run.step, run.nan_skipped, run.nan_streak = ckpt["step"], ckpt["nan_skipped"], ckpt["nan_streak"]
     run.sums[STREAK] = run.nan_streak
@@ -307,7 +337,7 @@ def start_sitting(run, say, cpu_recipe):
             cpu_recipe=cpu_recipe)
     if run.master:
         run.runlog = RunLog(run.log_folder, run.step if args.resume else None, args.tensorboard)
-        say(f"=== writing {run.ckpt_path}, {run.ema_path}, grids in {args.sample_dir}/, logs in {run.log_folder}/"
+        say(f"=== writing {', '.join(run.saved_files())}, grids in {args.sample_dir}/, logs in {run.log_folder}/"
             f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
     return True
 
@@ -486,7 +516,7 @@ def finish(run, clock, reason, say, interrupted):
                          f"{run.ckpt_path} at step {run.saved_step}")
     if run.master:
         say(f"=== stopped at step {run.step} ({reason}) after {clock.elapsed() / 60:.1f} min; "
-            f"saved {run.ckpt_path} and {run.ema_path}")
+            f"saved {', '.join(run.saved_files()[:-1])} and {run.saved_files()[-1]}")
         say(f"=== the run so far: {run.step} steps, {run.images_seen:,} images, {run.train_flops / 1e15:.3g} PFLOP, "
             f"{run.train_seconds / 3600:.2f} h of training")
         if run.nan_skipped:

@@ -23,9 +23,14 @@ def training_flops(flops_per_image, images):
     return CALLS_PER_TRAINING_IMAGE * flops_per_image * images
 
 
+def pflop_to_flop(pflop):
+    """--max-pflop in FLOPs (1 PFLOP = 10¹⁵ FLOPs): what training_flops is held against."""
+    return 1e15 * pflop
+
+
 def images_until_pflop(max_pflop, train_flops, flops_per_image):
     """Images still to train before --max-pflop is reached (the first step at or past it included)."""
-    return math.ceil((1e15 * max_pflop - train_flops) / training_flops(flops_per_image, 1))
+    return math.ceil((pflop_to_flop(max_pflop) - train_flops) / training_flops(flops_per_image, 1))
 
 
 class SittingClock:
@@ -70,7 +75,7 @@ def progress_now(args, step, train_flops, train_seconds, progress_before, time_u
     (a resumed run goes on from progress_before and reaches 1 at this sitting's end)."""
     shares = [step / args.steps]
     if args.max_pflop:
-        shares.append(train_flops / (1e15 * args.max_pflop))
+        shares.append(train_flops / pflop_to_flop(args.max_pflop))
     if args.budget_minutes:
         shares.append(train_seconds / (60 * args.budget_minutes))
     if not (args.max_pflop or args.budget_minutes):
@@ -82,7 +87,7 @@ def budget_reached(args, step, train_flops, train_seconds):
     """Why the run's budget is spent (a line for the log), or None."""
     if step >= args.steps:
         return f"reached --steps {args.steps}"
-    if args.max_pflop and train_flops >= 1e15 * args.max_pflop:
+    if args.max_pflop and train_flops >= pflop_to_flop(args.max_pflop):
         return f"reached --max-pflop {args.max_pflop:g}"
     if args.budget_minutes and train_seconds >= 60 * args.budget_minutes:
         return f"reached --budget-minutes {args.budget_minutes:g}"

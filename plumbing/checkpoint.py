@@ -5,6 +5,9 @@ Layout (save_run; both files carry "config", so generate.py / fid.py / app.py re
     <ckpt-dir>/<run>.pt       {"config", "model", "ema", "optimizer", "step", "rng", "data_state",
                                "images_seen", "train_flops", ...}                                   (resume)
     <ckpt-dir>/<run>_ema.pt   {"config", "ema_model", "step", "images_seen", "train_flops", ...}    (sampling)
+With --ema-extra-decays, <run>.pt also holds "ema_extra": {"0.9995": EMA state, ...}, and each extra
+decay d has its own <run>_ema<d>.pt, laid out as <run>_ema.pt; its config["train"] says "ema_decay": d
+(and lists the run's other decays, the main one first, as "ema_extra_decays").
 
 config = {"dataset": str,
           "model":     UNet keyword arguments,
@@ -48,6 +51,8 @@ def make_config(args, images, class_names, num_classes):
     everything generate.py / fid.py / app.py need to rebuild the model, and the flags for --resume."""
     model_kwargs, diffusion_kwargs = model_settings(args, images.shape[1], images.shape[-1], num_classes)
     train = {k: v for k, v in vars(args).items() if not k.startswith("debug_")}
+    if not train.get("ema_extra_decays", True):
+        del train["ema_extra_decays"]           # none: the config stays as it was before the option
     # "dataset" is what data.load_dataset takes (fid.py reloads the real images from it); the
     # file names use args.run_name ("celeba" trains on dataset "faces").
     return {"dataset": str(args.dataset), "model": model_kwargs, "diffusion": diffusion_kwargs,
@@ -56,25 +61,42 @@ def make_config(args, images, class_names, num_classes):
             "train": train}
 
 
-def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_state, stats):
-    """A training run's two files, atomically: `path` holds everything --resume needs, `ema_path`
+def cpu_state(ema):
+    """An EMA's state_dict with its tensors on the CPU."""
+    state = ema.state_dict()
+    state["shadow"] = {k: v.cpu() for k, v in state["shadow"].items()}
+    return state
+
+
+def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_state, stats, extras=()):
+    """A training run's files, atomically: `path` holds everything --resume needs, `ema_path`
     only what sampling needs (the EMA weights in the model's dtypes, the config, the compute).
     stats: plain numbers of the run (nan_skipped, nan_streak, train_seconds, progress, images_seen,
-    flops_per_image, train_flops, and rng_ranks under DDP). Refuses non-finite weights: the
+    flops_per_image, train_flops, and rng_ranks under DDP). extras: (decay, EMA, path) of each
+    --ema-extra-decays, written to `path` like `ema_path`. Refuses non-finite weights: the
     previous files are then left as they were."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ema_state = ema.state_dict()
-    ema_state["shadow"] = {k: v.cpu() for k, v in ema_state["shadow"].items()}
-    for tensors in (weights.values(), ema_state["shadow"].values()):
+    ema_state = cpu_state(ema)
+    extra_states = {str(decay): cpu_state(extra) for decay, extra, _ in extras}
+    shadows = [ema_state["shadow"], *(state["shadow"] for state in extra_states.values())]
+    for tensors in (weights.values(), *(shadow.values() for shadow in shadows)):
         if not all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point()):
             raise CheckpointError(f"refusing to save non-finite weights at step {step}; the last good "
                                   f"checkpoint is {path}")
     compute = {k: stats[k] for k in COMPUTE_KEYS}
     save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
                      "step": step, "rng": rng, "data_state": data_state, **stats,
+                     **({"ema_extra": extra_states} if extras else {}),
                      "versions": {"torch": str(torch.__version__)}}, path)
     save_checkpoint({"config": config, "step": step, **compute,
                      "ema_model": {k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()}}, ema_path)
+    for decay, _, extra_path in extras:           # each as <run>_ema.pt, its config naming its decay
+        train = config["train"]
+        others = [train["ema_decay"], *(d for d in train["ema_extra_decays"] if d != decay)]
+        extra_config = {**config, "train": {**train, "ema_decay": decay, "ema_extra_decays": others}}
+        shadow = extra_states[str(decay)]["shadow"]
+        save_checkpoint({"config": extra_config, "step": step, **compute,
+                         "ema_model": {k: v.to(weights[k].dtype) for k, v in shadow.items()}}, extra_path)
 
 
 LOCAL_PATHS = ("ckpt_dir", "sample_dir", "log_dir", "data_dir", "tensorboard", "debug_dump_dir")

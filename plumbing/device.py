@@ -17,8 +17,12 @@ import torch
 import torch.distributed as dist
 
 
+DEVICE_HELP = "auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1 or mps"   # every --device
+
+
 def pick_device(name="auto"):
-    """"auto" -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked to exist."""
+    """The one device rule, --device -> torch.device: "auto" -> CUDA, then Apple MPS, then CPU;
+    otherwise the named device, checked to exist. Under torchrun, ddp_backend applies this rule too."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -53,20 +57,17 @@ def autocast(device, enabled=True):
 
 
 def ddp_backend(name="auto"):
-    """--device under torchrun -> (DDP backend, device type): NCCL with one GPU per process on CUDA
-    ("auto" where CUDA is there, "cuda", "cuda:N": the process's GPU is LOCAL_RANK's), gloo on the CPU.
-    PyTorch's DDP has no backend for Apple MPS: "mps" is refused, and "auto" on a Mac trains on the CPU."""
-    if name == "auto":
-        return ("nccl", "cuda") if torch.cuda.is_available() else ("gloo", "cpu")
-    if name.startswith("cuda"):
-        pick_device(name)                                  # refused where CUDA is not there
-        return "nccl", "cuda"
+    """--device under torchrun -> (DDP backend, device type): pick_device's choice, with NCCL and one GPU
+    per process on CUDA (the process's GPU is LOCAL_RANK's), gloo on the CPU. PyTorch's DDP has no
+    backend for Apple MPS: "mps" is refused, and "auto" on a Mac trains on the CPU."""
     if name == "mps":
         raise SystemExit("error: --device mps under torchrun: PyTorch's DDP has no backend for Apple MPS; "
                          "train in one process (python train_<dataset>.py --device mps), or use --device cpu")
-    if name == "cpu":
-        return "gloo", "cpu"
-    raise SystemExit(f"error: --device {name} under torchrun: use auto, cuda or cpu")
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise SystemExit(f"error: --device {name} under torchrun: use auto, cuda or cpu")
+    if pick_device(name).type == "cuda":                   # "cuda…" is refused where CUDA is not there
+        return "nccl", "cuda"
+    return "gloo", "cpu"                                   # the CPU, or "auto" on a Mac
 
 
 def setup_distributed(args):

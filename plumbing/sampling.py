@@ -22,7 +22,7 @@ import torch
 
 from plumbing.checkpoint import CheckpointError, load_for_sampling
 from plumbing.data import default_class_names
-from plumbing.device import pick_device, synchronize, time_call
+from plumbing.device import DEVICE_HELP, pick_device, synchronize, time_call
 from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from samplers import Guidance, as_guidance, check_guide
 from plumbing.images import save_gif, save_grid, save_npz, save_pngs, to_uint8
@@ -126,8 +126,12 @@ def resolve_sampling(diffusion, config, *, sampler, steps, n, class_=None, guida
     return steps, torch.full((n,), c, dtype=torch.long), c
 
 
+THREADS_HELP = "CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine"
+
+
 def set_threads(threads):
-    """--threads: PyTorch's CPU threads (generate.py, fid.py and the demo), or SystemExit if not ≥ 1."""
+    """--threads (THREADS_HELP): PyTorch's CPU threads (generate.py, fid.py, the demo, tools.benchmark), or
+    SystemExit if not ≥ 1."""
     if threads < 1:
         raise SystemExit(f"error: --threads {threads}: use a whole number ≥ 1 (or leave it out: one per core)")
     torch.set_num_threads(threads)
@@ -183,9 +187,8 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS):
                    help="autoguidance (Karras et al. 2024): (1+w)·model − w·guide, the guide a shorter-trained or "
                         "smaller model of the same recipe, in place of the unconditional output; works for "
                         "unconditional models too (default: none, classifier-free)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch (default: PyTorch's, one per core); 1 is faster on a busy machine")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="run the network in bf16 where that is fast: CUDA, and CPUs with AVX512-BF16 or AMX "
                         "(--no-amp: float32; default: on)")

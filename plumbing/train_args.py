@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, LOSS_WEIGHTINGS, OBJECTIVES, P_MEAN, SAMPLERS, SCHEDULES,
                        T_SAMPLINGS, VARIANCES, GaussianDiffusion)
+from plumbing.device import DEVICE_HELP
 from plumbing.sampling import SAMPLER_HELP
 
 # Every flag and its default; a train_*.py script overrides some of them.
@@ -32,7 +33,7 @@ DEFAULTS = dict(
     # optimisation
     steps=10_000, max_pflop=None, budget_minutes=None, max_minutes=None, batch_size=128, lr=2e-4, lr_schedule="constant", weight_decay=0.0,
     warmup_steps=1000,
-    grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, max_nan_steps=5,
+    grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, ema_extra_decays=[], max_nan_steps=5,
     # feedback and outputs
     log_every=50, sample_every=1000, sample_count=64, sample_sampler=DEFAULT_SAMPLER, sample_steps=DEFAULT_STEPS, save_every=5000,
     eval_every=0, eval_samples=1000, ckpt_dir="checkpoints", sample_dir="samples", log_dir="runs",
@@ -49,7 +50,7 @@ ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mu
 # What a checkpoint that predates these settings was trained with (its config has no such key).
 BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant",
                  "clip_denoised": True, "t_sampling": "uniform", "max_pflop": None, "budget_minutes": None,
-                 "lognormal_mean": P_MEAN}
+                 "lognormal_mean": P_MEAN, "ema_extra_decays": []}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free",
@@ -96,6 +97,17 @@ def int_list(text):
 
 
 POSITIVE, COUNT, SHARE = number(int, 1), number(int, 0), number(float, 0, 1, high_open=True)
+
+
+def decay_list(text):
+    """"0.9995,0.9998" -> [0.9995, 0.9998]; "" or "none" -> []. Each a decay in [0, 1), none twice."""
+    text = text.strip().lower()
+    if text in ("", "none", "[]"):
+        return []
+    values = [SHARE(v) for v in text.replace(" ", "").strip("[]()").split(",") if v]
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"a decay is given twice in {text!r}; list each once")
+    return values
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -184,6 +196,11 @@ def optimisation_flags(g):
     g.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient's global norm to this")
     g.add_argument("--ema-decay", type=SHARE, help="EMA decay per step, in [0, 1) (0.9999 ≈ a 10k-step average)")
     g.add_argument("--ema-warmup", action=B, help="EMA decay min(decay, (1+n)/(10+n)): for short runs")
+    g.add_argument("--ema-extra-decays", type=decay_list, metavar="D1,D2",
+                   help="more EMA decays kept beside --ema-decay, e.g. 0.9995,0.9998, to choose the EMA length "
+                        "after training: each is written at every save to <run>_ema<decay>.pt (sampled like "
+                        "<run>_ema.pt), with the same --ema-warmup. On --resume, a decay added starts from the "
+                        "current weights and one left out is no longer updated (a line says which)")
     g.add_argument("--max-nan-steps", type=POSITIVE, help="abort after this many non-finite steps in a row")
 
 
@@ -216,7 +233,7 @@ def system_flags(g):
     """--help's "system" flags."""
     B = argparse.BooleanOptionalAction
     g.add_argument("--seed", type=COUNT, help="seeds the weights, the noise and the data order")
-    g.add_argument("--device", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
+    g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--amp", action=B, help="bf16 autocast on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16 or AMX; ignored elsewhere)")
     g.add_argument("--compile", action=B, help="torch.compile the UNet (CUDA; minutes to compile, faster after)")
@@ -293,6 +310,9 @@ def check_consistent(args):
                             f"{','.join(map(str, args.channel_mults))})")
     if not args.channel_mults:
         problems.append("--channel-mults needs at least one level, e.g. 1,2,2")
+    if args.ema_decay in args.ema_extra_decays:
+        problems.append(f"--ema-extra-decays holds {args.ema_decay}, the main --ema-decay (<run>_ema.pt keeps it); "
+                        "leave it out of the extras")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 

@@ -1,7 +1,7 @@
 """The demo in a real browser: headless Chromium (Debian's, driven by Playwright) loads the page,
 clicks Generate, and sees the live frames and then the result grid appear.
 
-Also the screenshots for the README, reusable with any trained model:
+Also the screenshots on docs/demo.md, reusable with any trained model:
 
     DEMO_SCREENSHOT=docs/demo.png python -m pytest tests/test_app_browser.py     # the shipped faces model
 

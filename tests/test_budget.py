@@ -4,6 +4,7 @@ Training FLOPs = 3 × (forward FLOPs per image) × images seen. The run's budget
 --budget-minutes) is given once; every sitting resumes towards it, so N sittings equal one run.
 """
 
+import argparse
 import csv
 
 import pytest
@@ -65,6 +66,26 @@ def test_max_pflop_stops_the_run_and_counts_flops_in_log_and_checkpoint(data_dir
     assert int(rows[-1]["images"]) == full["images_seen"]
     assert float(rows[-1]["lr"]) < float(rows[len(rows) // 2]["lr"])           # the decay follows the budget
 
+
+
+@pytest.mark.parametrize("flops_per_image, batch, max_pflop, start", [
+    (123_457, 8, 5e-6, 0), (1_000, 10, 3e-10, 0), (1_000, 10, 3e-10, 4), (812_345_678, 128, 5.0, 0),
+    (812_345_678, 128, 5.0, 7_000)])
+def test_the_step_that_reaches_max_pflop_is_the_one_images_until_pflop_names(flops_per_image, batch, max_pflop,
+                                                                           start):
+    """budget_reached (the loop's stop), progress_now (the lr's progress) and images_until_pflop (the bar's
+    end, the projection) hold training FLOPs against the same --max-pflop: the first step at or past it."""
+    args = argparse.Namespace(steps=10**12, max_pflop=max_pflop, budget_minutes=None)
+
+    def flops(step):                                     # what Run.train_flops is after `step` steps
+        return budget.training_flops(flops_per_image, batch * step)
+
+    last = start + budget.images_until_pflop(max_pflop, flops(start), flops_per_image * batch)
+    assert last > start
+    assert budget.budget_reached(args, last, flops(last), 0.0) == f"reached --max-pflop {max_pflop:g}"
+    assert budget.budget_reached(args, last - 1, flops(last - 1), 0.0) is None
+    assert budget.progress_now(args, last, flops(last), 0.0, 0.0, 0.0) == 1.0
+    assert budget.progress_now(args, last - 1, flops(last - 1), 0.0, 0.0, 0.0) < 1.0
 
 def test_a_budget_already_spent_trains_no_further(data_dir, tmp_path, capsys):
     ckpt = run(train_mnist, tmp_path, "--steps", "1000", "--max-pflop", "5e-6")

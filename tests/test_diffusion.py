@@ -221,7 +221,7 @@ def test_x0_eps_v_conversions_round_trip(schedule):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_an_error_in_eps_reaches_x0_times_sqrt_one_minus_over_alpha_bar_and_in_v_at_most_once(schedule):
-    """Why class-conditional ε-models drew grey blobs (README, "Class-conditional MNIST"): an error
+    """Why class-conditional ε-models drew grey blobs (docs/mnist.md, "Class-conditional MNIST"): an error
     δ in ε̂ moves x̂_0 by −δ·√(1−ᾱ_t)/√ᾱ_t, which grows without bound at high noise (over 100× at
     the last step of either schedule), while an error δ in v̂ moves it by −δ·√(1−ᾱ_t), at most δ."""
     diffusion = make_diffusion(schedule=schedule)

@@ -1,11 +1,14 @@
-"""ema.py: θ_ema ← d·θ_ema + (1 − d)·θ, the warmup decay, buffers copied, state round trips."""
+"""ema.py: θ_ema ← d·θ_ema + (1 − d)·θ, the warmup decay, buffers copied, state round trips; and the
+trainer's --ema-extra-decays: several EMA lengths kept at once, each as the main one would be."""
 
 import pytest
 import torch
 import torch.nn as nn
 
+import train_mnist
+from conftest import run, tensors_equal
 from ema import EMA
-
+from plumbing.checkpoint import load_for_sampling
 
 
 class Toy(nn.Module):
@@ -159,3 +162,100 @@ def test_copy_to_writes_the_averaged_weights_into_a_model():
 def test_decay_outside_zero_to_one_is_refused_as_the_trainers_refuse_it(decay):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         EMA(torch.nn.Linear(2, 2), decay)
+
+
+# ----------------------------------------------------------------------------- --ema-extra-decays
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("sync_free", [[], ["--debug-sync-free"]], ids=["host-skip", "keep-on-device"])
+def test_each_extra_decay_equals_the_main_ema_of_a_run_trained_with_that_decay(data_dir, tmp_path, sync_free):
+    # The weights θ_1..θ_n do not depend on any EMA, so the extra d = 0.2 of a run whose main decay is 0.999
+    # must be, bit for bit, the main EMA of the same run trained with --ema-decay 0.2: same warmup
+    # (train_mnist's --ema-warmup: d_n = min(d, (1+n)/(10+n)) = 0.1, 0.18, 0.2, 0.2 here), same skipped
+    # step (step 2 is non-finite: no update, on either path).
+    common = ["--steps", "5", "--debug-nan-steps", "2", *sync_free]
+    extra = run(train_mnist, tmp_path / "extra", *common, "--ema-decay", "0.999", "--ema-extra-decays", "0.2,0.05")
+    plain = run(train_mnist, tmp_path / "plain", *common, "--ema-decay", "0.2")
+    assert {p.name for p in extra.glob("*.pt")} == {"mnist.pt", "mnist_ema.pt", "mnist_ema0.2.pt", "mnist_ema0.05.pt"}
+    full, main, d02, d005 = (load(extra / f) for f in ("mnist.pt", "mnist_ema.pt", "mnist_ema0.2.pt", "mnist_ema0.05.pt"))
+    plain_full, plain_main = load(plain / "mnist.pt"), load(plain / "mnist_ema.pt")
+    assert full["nan_skipped"] == 1
+    tensors_equal(full["model"], plain_full["model"], "θ")
+    tensors_equal(d02["ema_model"], plain_main["ema_model"], "θ_ema with d = 0.2")
+    tensors_equal(full["ema_extra"]["0.2"], plain_full["ema"], "the resume state of d = 0.2")
+    assert full["ema_extra"]["0.2"]["num_updates"] == full["ema"]["num_updates"] == 5 - (not sync_free)
+    # each file says which decay it holds, and the others of its run (the main one first)
+    assert (main["config"]["train"]["ema_decay"], d02["config"]["train"]["ema_decay"],
+            d005["config"]["train"]["ema_decay"]) == (0.999, 0.2, 0.05)
+    assert d005["config"]["train"]["ema_extra_decays"] == [0.999, 0.2]
+    assert d02["step"] == main["step"] == 5 and d02["train_flops"] == main["train_flops"]
+    # three different averages of the same weights
+    name = "conv_in.weight"
+    assert not torch.equal(main["ema_model"][name], d02["ema_model"][name])
+    assert not torch.equal(d005["ema_model"][name], d02["ema_model"][name])
+    assert not torch.equal(d005["ema_model"][name], main["ema_model"][name])
+    diffusion, config = load_for_sampling(extra / "mnist_ema0.05.pt")      # as generate.py / fid.py open it
+    assert torch.equal(diffusion.model.state_dict()[name], d005["ema_model"][name])
+
+
+def test_without_extra_decays_a_run_writes_what_it_wrote_before(data_dir, tmp_path):
+    # the extras leave θ and the main EMA alone, and without them no file, key or config entry is added
+    plain = run(train_mnist, tmp_path / "plain", "--steps", "3", "--ema-decay", "0.999")
+    extra = run(train_mnist, tmp_path / "extra", "--steps", "3", "--ema-decay", "0.999", "--ema-extra-decays", "0.9")
+    assert {p.name for p in plain.glob("*.pt")} == {"mnist.pt", "mnist_ema.pt"}
+    full, main = load(plain / "mnist.pt"), load(plain / "mnist_ema.pt")
+    assert "ema_extra" not in full and "ema_extra_decays" not in full["config"]["train"]
+    assert set(main) == {"config", "ema_model", "step", "images_seen", "flops_per_image", "train_flops", "train_seconds"}
+    extra_full, extra_main = load(extra / "mnist.pt"), load(extra / "mnist_ema.pt")
+    assert set(extra_full) - set(full) == {"ema_extra"} and set(extra_main) == set(main)
+    tensors_equal(extra_full["model"], full["model"], "θ")
+    tensors_equal(extra_full["ema"], full["ema"], "the main EMA")
+    tensors_equal(extra_main["ema_model"], main["ema_model"], "<run>_ema.pt")
+
+
+def test_resume_continues_each_extra_ema_bit_for_bit(data_dir, tmp_path):
+    common = ["--lr-schedule", "constant", "--ema-extra-decays", "0.15,0.25"]     # both reached in the warmup
+    whole = run(train_mnist, tmp_path / "whole", "--steps", "4", *common)
+    split = run(train_mnist, tmp_path / "split", "--steps", "2", *common)
+    run(train_mnist, tmp_path / "split", "--steps", "4", "--resume")        # the extras come from the checkpoint
+    a, b = load(whole / "mnist.pt"), load(split / "mnist.pt")
+    assert set(a["ema_extra"]) == {"0.15", "0.25"} and a["ema_extra"]["0.15"]["num_updates"] == 4
+    tensors_equal(a["ema_extra"], b["ema_extra"], "ema_extra")
+    assert not torch.equal(a["ema_extra"]["0.15"]["shadow"]["conv_in.weight"], a["ema_extra"]["0.25"]["shadow"]["conv_in.weight"])
+    for name in ("mnist_ema0.15.pt", "mnist_ema0.25.pt"):
+        tensors_equal(load(whole / name)["ema_model"], load(split / name)["ema_model"], name)
+
+
+def test_resume_with_another_set_starts_the_new_decay_from_the_current_weights(data_dir, tmp_path, capsys):
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "1", "--ema-extra-decays", "0.9")
+    first = load(ckpt_dir / "mnist.pt")
+    run(train_mnist, tmp_path, "--steps", "2", "--resume", "--ema-extra-decays", "0.99")
+    assert "--ema-extra-decays: 0.99 start(s) now, at step 1, from the current weights; 0.9 no longer kept" \
+        in capsys.readouterr().out
+    second = load(ckpt_dir / "mnist.pt")
+    assert set(second["ema_extra"]) == {"0.99"} and second["ema_extra"]["0.99"]["num_updates"] == 1
+    # θ_ema,0 = θ_1 (the weights at the resume), then one warmup update d_0 = min(0.99, 1/10)
+    name = "conv_in.weight"
+    expected = 0.1 * first["model"][name] + 0.9 * second["model"][name]
+    assert torch.allclose(second["ema_extra"]["0.99"]["shadow"][name], expected, atol=1e-6)
+    assert load(ckpt_dir / "mnist_ema0.9.pt")["step"] == 1                  # the dropped one stays as it was
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema-extra-decays", "1"], "out of range: use a number in [0, 1)"),
+    (["--ema-extra-decays", "0.9,1.5"], "out of range: use a number in [0, 1)"),
+    (["--ema-extra-decays", "-0.1"], "out of range: use a number in [0, 1)"),
+    (["--ema-extra-decays", "0.9,abc"], "expected a number in [0, 1), got 'abc'"),
+    (["--ema-extra-decays", "0.99,0.990"], "a decay is given twice"),
+    (["--ema-decay", "0.999", "--ema-extra-decays", "0.99,0.999"], "holds 0.999, the main --ema-decay"),
+])
+def test_bad_extra_decays_are_refused_in_one_line_before_any_work(data_dir, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run(train_mnist, tmp_path, "--steps", "1", *flags)
+    said = f"{e.value.code}\n{capsys.readouterr().err}"
+    assert message in said and e.value.code != 0
+    assert [line for line in said.splitlines() if "error" in line and message in line]      # one line says it
+    assert not (tmp_path / "ckpt").exists()                                                 # before any work

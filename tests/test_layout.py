@@ -1,5 +1,6 @@
 """The layout's rules: the top level holds the lesson and what people run, scripts are run and never
-imported, and loading data or the FID networks does not import the model.
+imported, loading data or the FID networks does not import the model, every file states its job in
+its docstring's first line, and every script answers --help with that line.
 
 A *script* is any file outside tests/ with an `if __name__ == "__main__":` block (train_*.py,
 generate*.py, fid.py, app.py, tools/*.py), except the library modules diffusion, samplers, unet, ema
@@ -7,6 +8,7 @@ and trainer. What two scripts share lives in a library module.
 """
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,44 @@ def test_loading_data_and_the_fid_networks_does_not_import_the_model():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["plumbing.files []", "plumbing.data []", "scoring.inception []",
                                        "scoring.proxy []"], out.stdout
+
+
+def first_docstring_line(tree):
+    """The first line of a module's docstring, as written (None without one)."""
+    doc = ast.get_docstring(tree, clean=False)
+    return None if doc is None else doc.split("\n")[0]
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_every_file_states_its_job_in_its_docstrings_first_line(name):
+    line = first_docstring_line(TREES[name])
+    assert line is not None, f"{name} has no docstring; its first line should say what the file is for"
+    assert len(line.split()) >= 5, f"{name}: the docstring's first line {line!r} does not say what the file does"
+    assert not line.lstrip().startswith(("python ", "usage", "Usage", "DDPM_DATA")), f"{name}: a command, not a job"
+
+
+def test_the_docstring_rule_reads_the_first_line_as_written():
+    """The check above can fail: a docstring that starts on its second line has an empty first line."""
+    assert first_docstring_line(ast.parse('"""\nTrain a model."""')) == ""
+    assert first_docstring_line(ast.parse("x = 1")) is None
+
+
+def main_block_calls_main(tree):
+    """Whether `if __name__ == "__main__":` runs main() with no arguments (so that main reads sys.argv)."""
+    block = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+    return any(isinstance(node, ast.Call) and ast.unparse(node.func) == "main" and not node.args
+               for node in ast.walk(block))
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_script_answers_help_with_its_job(name, capsys):
+    """`python SCRIPT --help` (`python -m tools.NAME --help`), run in-process through main(argv): it exits
+    with 0 and opens with the usage line and the docstring's first line."""
+    assert main_block_calls_main(TREES[name]), f"{name}: its __main__ block should call main()"
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: "), out[:200]
+    job = first_docstring_line(TREES[name]).strip()
+    assert job in out, f"{name} --help does not show its job: {job!r}"

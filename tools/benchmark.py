@@ -16,7 +16,8 @@ import platform
 
 import torch
 
-from plumbing.device import bf16_fast, cuda_fast_settings, pick_device
+from plumbing.device import DEVICE_HELP, bf16_fast, cuda_fast_settings, pick_device
+from plumbing.sampling import THREADS_HELP, set_threads
 from tools.speed import CONFIGS, build, measure, trainer_settings
 
 
@@ -38,14 +39,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="images per step (default: the trainer's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN autotune, compile)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast where it is fast: CUDA, CPUs with AVX512-BF16 or AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        set_threads(args.threads)
     device = pick_device(args.device)
     if device.type == "cuda":
         cuda_fast_settings()

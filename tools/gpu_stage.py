@@ -13,7 +13,7 @@ The minutes on the GPU (8 in all; machine start-up comes on top), in order of pr
 A part that does not fit in what is left is skipped and says so in summary.json.
 
 What travels: the checkout and .gpu/ (git-ignored): the training images as JPEG mosaics
-(CIFAR-10 q95 4:4:4, faces q95 4:4:4; the measured cost is in the README), and the wheels of
+(CIFAR-10 q95 4:4:4, faces q95 4:4:4; the measured cost is in docs/gpu_stage.md), and the wheels of
 diffusers and its pure-Python dependencies. What comes back (≤ 8 files): the 10,000 CIFAR
 samples as uint8 .npz parts, both grids, logs.txt and summary.json (speed table and timings).
 """
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+from plumbing.device import DEVICE_HELP, pick_device
 
 PACK = Path(".gpu")
 ROOT = Path(__file__).resolve().parents[1]     # the checkout: the trainers are run from here
@@ -173,7 +174,7 @@ def run(args):
     t_start = time.time()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.tiny:                                           # the rehearsal: the same parts in about a minute
         args.minutes, args.cifar_minutes, args.speed_minutes = 1.2, 0.15, 0.25
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -245,7 +246,7 @@ def main(argv=None):
     p.add_argument("--score", metavar="DIR", help="score the samples a GPU run returned into DIR")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_stage"), help="where the run's files go")
     p.add_argument("--work", default="runs/gpu_work", help="checkpoints and logs of the run (not returned)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tiny", action="store_true", help="the rehearsal: tiny models, data and minutes")
     p.add_argument("--minutes", type=float, default=8.0, help="the whole run's wall-clock budget")
     p.add_argument("--cifar-minutes", type=float, default=5.0, help="CIFAR-10 training, compile included")

@@ -13,8 +13,8 @@ follows the record's own hours, piecewise between sittings: a sitting that share
 more hours for its PFLOP, and its stretch of the axis shows it.
 """
 
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 
@@ -93,5 +93,13 @@ def plot(path, out=None):
     return out
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("record", help="a campaign's record, e.g. docs/results/cifar10_campaign.csv")
+    p.add_argument("--out", default=None, help="the PNG to write (default: the record's name, .png)")
+    args = p.parse_args(argv)
+    print(plot(args.record, args.out))
+
+
 if __name__ == "__main__":
-    print(plot(sys.argv[1]))
+    main()

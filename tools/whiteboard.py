@@ -6,6 +6,7 @@ A moved line gets its new number; a quoted line that changed or vanished is not 
 script names it and exits with 1 (and tests/test_whiteboard.py fails on it until the row is fixed).
 """
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -44,8 +45,13 @@ def rewrite(page=PAGE):
     return missing
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     gone = rewrite()
     for row in gone:
         print(f"no longer in the code, fix this row by hand: {row}")
-    sys.exit(1 if gone else 0)
+    return 1 if gone else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
