@@ -94,6 +94,7 @@ def test_out_of_range_inputs_are_refused(server, steps, n):
     (("../../etc/passwd", "DDIM", 10, 0, 4, None, 0), "unknown model"),
     (("cond_ema", "DDIM", 10, 0, 4, "three", 1.0), "unknown class"),
     (("cond_ema", "DDIM", 10, 0, 4, "one", 21.0), "guidance"),
+    (("uncond_ema", "EDM", 3, 0, 4, None, 0), "edm needs at least 6 network calls"),
 ])
 def test_server_side_checks_refuse_what_the_sliders_would(server, args, message):
     demo, _ = server
