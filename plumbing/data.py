@@ -320,6 +320,43 @@ def _decode_celeba(item):
         return name, f"{type(e).__name__}: {e}"
 
 
+def _open_celeba(source, what):
+    """img_align_celeba as a .zip or a folder -> (the open zip or None, read(name) -> bytes or path,
+    {name: CelebA number} for its NNNNNN.jpg files); one line where it cannot be read or holds none."""
+    if source.is_file():
+        try:
+            archive = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"celeba: {what} is not a readable zip ({type(e).__name__}: {e}); re-download it, or "
+                             f"extract it to {source.parent / 'img_align_celeba'}/") from None
+        names, read = sorted(n for n in archive.namelist() if n.lower().endswith(".jpg")), archive.read
+    else:
+        archive, read = None, (lambda n: n)
+        names = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() == ".jpg")
+    ids = {n: int(Path(n).stem) for n in names if Path(n).stem.isdigit()}
+    if not ids:
+        if archive:
+            archive.close()
+        raise FileNotFoundError(f"celeba: no CelebA images (000001.jpg, …) in {what} ({len(names)} .jpg files); "
+                                "put the official img_align_celeba there, or pass --dataset PATH for a folder of "
+                                "other face images")
+    return archive, read, ids
+
+
+def _write_celeba(out, root):
+    """{split: (images, celeba_id)} -> celeba64_<split>.npz in root, atomically, test first."""
+    for split in ("test", "train"):
+        images, ids_ = out[split]
+        path = celeba_cache(root, split)
+        try:
+            atomic_write(path, lambda f: np.savez(f, images=images, celeba_id=ids_))
+        except OSError as e:
+            raise ValueError(f"celeba: cannot write {path} ({e.strerror or e}); make {Path(root)} writable "
+                             "or pass a --data-dir you can write to") from None
+    print(f"celeba: wrote {celeba_cache(root, 'train')} ({len(out['train'][0]):,} faces) and "
+          f"{celeba_cache(root, 'test')} ({len(out['test'][0]):,}); later runs load them", file=sys.stderr)
+
+
 def build_celeba(source, partition_folder, root):
     """The official img_align_celeba (.zip or folder) -> celeba64_train.npz and celeba64_test.npz in root
     (uint8 images N×64×64×3 and celeba_id, in file order), written atomically, test first: a build
@@ -329,27 +366,7 @@ def build_celeba(source, partition_folder, root):
     from tqdm.auto import tqdm
     source = Path(source)
     what = f"{_where(source)}" if source.is_file() else f"{source}/"
-    if source.is_file():
-        try:
-            archive = zipfile.ZipFile(source)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"celeba: {what} is not a readable zip ({type(e).__name__}: {e}); re-download it, or "
-                             f"extract it to {source.parent / 'img_align_celeba'}/") from None
-        names = sorted(n for n in archive.namelist() if n.lower().endswith(".jpg"))
-        read = archive.read
-    else:
-        archive = None
-        names = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() == ".jpg")
-        read = lambda n: n
-    ids = {}
-    for n in names:
-        stem = Path(n).stem
-        if stem.isdigit():
-            ids[n] = int(stem)
-    if not ids:
-        raise FileNotFoundError(f"celeba: no CelebA images (000001.jpg, …) in {what} ({len(names)} .jpg files); "
-                                "put the official img_align_celeba there, or pass --dataset PATH for a folder of "
-                                "other face images")
+    archive, read, ids = _open_celeba(source, what)
     partition = _celeba_partition(Path(partition_folder), ids.values())
     wanted = {split: sorted((n for n in ids if partition[ids[n]] == CELEBA_SPLITS[split]), key=ids.get)
               for split in ("train", "test")}
@@ -384,16 +401,7 @@ def build_celeba(source, partition_folder, root):
             pool.terminate()
         if archive:
             archive.close()
-    for split in ("test", "train"):
-        images, ids_ = out[split]
-        path = celeba_cache(root, split)
-        try:
-            atomic_write(path, lambda f: np.savez(f, images=images, celeba_id=ids_))
-        except OSError as e:
-            raise ValueError(f"celeba: cannot write {path} ({e.strerror or e}); make {Path(root)} writable "
-                             "or pass a --data-dir you can write to") from None
-    print(f"celeba: wrote {celeba_cache(root, 'train')} ({len(out['train'][0]):,} faces) and "
-          f"{celeba_cache(root, 'test')} ({len(out['test'][0]):,}); later runs load them", file=sys.stderr)
+    _write_celeba(out, root)
 
 
 CELEBA_WAYS = ("supply faces in one of three ways: online, torchvision downloads CelebA by itself; or place the "
