@@ -1,16 +1,18 @@
 """CIFAR-10 samples: a labelled 10×10 grid, or 50,000 images for FID, in one command.
 
-    python generate_cifar.py                                         # samples/cifar10_grid_ddpm1000.png
-    python generate_cifar.py --steps 50                              # the same grid from 50 of the 1000 steps
+    python generate_cifar.py                                         # samples/cifar10_grid_ddpm50.png
+    python generate_cifar.py --steps 1000                            # the paper's Algorithm 2, all 1000 steps
+    python generate_cifar.py --guidance 2 --guidance-interval 0.28 5.42   # samples/cifar10_grid_ddpm50_w2_s0.28-5.42.png
     python generate_cifar.py --sampler ddim --steps 100 --guidance 1  # samples/cifar10_grid_ddim100_w1.png
     python generate_cifar.py --n 50000 --batch-size 1000 --npz samples/cifar10_50k.npz
     python fid.py --samples samples/cifar10_50k.npz --dataset cifar10 --inception-weights PATH
 
 Conditional model: one row per class, the class name at the left of its row; the images are
 drawn with the classes in turn, so 50,000 of them hold 5,000 per class. Unconditional model: a
-plain 10×10 grid. The default sampler is the paper's (DDPM, all 1000 steps: FID 3.17 in Ho et al.
-Table 1); --sampler ddim --steps 100 is 10× faster. Without --ckpt it samples checkpoints/cifar10_ema.pt,
-or on a fresh clone the shipped pretrained/cifar10.pt. All other flags are generate.py's.
+plain 10×10 grid. The default sampler is generate.py's, ancestral DDPM on 50 of the T steps;
+--steps 1000 is the paper's (FID 3.17 in Ho et al. Table 1). Without --ckpt it samples
+checkpoints/cifar10_ema.pt, or on a fresh clone the shipped pretrained/cifar10.pt. All other flags
+are generate.py's.
 """
 
 
