@@ -26,6 +26,7 @@ DDP switches on when torchrun sets RANK: `torchrun --nproc_per_node=N train_cifa
 import contextlib
 import copy
 import math
+import re
 import signal
 import sys
 import textwrap
@@ -215,7 +216,22 @@ def open_run_files(args, explicit, rank, say, lock):
             raise SystemExit(f"error: {e}") from None
         if note:
             say(f"=== {note}")
+        if args.overwrite and ckpt is None:
+            remove_stale_extra_emas(ckpt_path, args.ema_extra_decays, say)
     return ckpt_path, ckpt, (made, lock_made)
+
+
+def remove_stale_extra_emas(ckpt_path, decays, say):
+    """--overwrite starts the run afresh: an earlier run's <run>_ema<d>.pt for a decay d this run does
+    not keep would never be rewritten, and would pass for this run's. Remove those, in one line."""
+    pattern = re.compile(re.escape(ckpt_path.stem) + r"_ema(\d*\.?\d+)\.pt")
+    stale = [p for p in ckpt_path.parent.glob(f"{ckpt_path.stem}_ema*.pt")
+             if (m := pattern.fullmatch(p.name)) and float(m.group(1)) not in decays]
+    for p in stale:
+        p.unlink()
+    if stale:
+        say(f"note: --overwrite: removed the earlier run's {', '.join(sorted(p.name for p in stale))} "
+            "(an EMA decay this run does not keep)")
 
 
 def load_data(args, device, rank, world, say, lock, made):

@@ -244,6 +244,16 @@ def test_resume_with_another_set_starts_the_new_decay_from_the_current_weights(d
     assert load(ckpt_dir / "mnist_ema0.9.pt")["step"] == 1                  # the dropped one stays as it was
 
 
+def test_overwrite_removes_the_earlier_runs_extra_ema_files_it_does_not_keep(data_dir, tmp_path, capsys):
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "1", "--ema-extra-decays", "0.9,0.99")
+    (ckpt_dir / "other_ema0.9.pt").write_bytes(b"another run's file")             # not this run's: kept
+    capsys.readouterr()
+    run(train_mnist, tmp_path, "--steps", "1", "--overwrite", "--ema-extra-decays", "0.99")
+    assert "--overwrite: removed the earlier run's mnist_ema0.9.pt" in capsys.readouterr().out
+    assert not (ckpt_dir / "mnist_ema0.9.pt").exists() and (ckpt_dir / "other_ema0.9.pt").exists()
+    assert load(ckpt_dir / "mnist_ema0.99.pt")["step"] == 1 and (ckpt_dir / "mnist_ema.pt").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--ema-extra-decays", "1"], "out of range: use a number in [0, 1)"),
     (["--ema-extra-decays", "0.9,1.5"], "out of range: use a number in [0, 1)"),
