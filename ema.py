@@ -4,10 +4,19 @@
 
 With warmup, the decay grows with the number of updates n (Tensorflow's ExponentialMovingAverage
 with num_updates): d_n = min(decay, (1 + n) / (10 + n)), so early weights, which are far from any
-good model, are forgotten quickly. Buffers (e.g. running statistics) are copied, not averaged.
+good model, are forgotten quickly. Warmup reaches the decay d itself only after
+n = (10d − 1)/(1 − d) updates (8,990 for 0.999, 17,990 for 0.9995): before that every decay above
+the warmup curve gives the same average. Buffers (e.g. running statistics) are copied, not averaged.
 """
 
+import math
+
 import torch
+
+
+def warmup_reaches(decay):
+    """The first update count n at which warmup's (1 + n)/(10 + n) is no longer below `decay`."""
+    return max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-6))
 
 
 class EMA:

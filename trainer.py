@@ -45,7 +45,7 @@ from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reac
                              probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
 from plumbing.device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
 from diffusion import GaussianDiffusion
-from ema import EMA
+from ema import EMA, warmup_reaches
 from plumbing.runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
 from plumbing.train_args import check_consistent, parse_args, resolve_resume
 from unet import UNet, forward_flops
@@ -348,14 +348,28 @@ def start_sitting(run, say, cpu_recipe):
             f"{run.train_seconds / 3600:.2f} h); raise that budget to train on")
         return False
     per_image = seconds_per_training_image(run.model, run.config, run.device, run.amp) / run.world
-    project(args, step=run.step, train_flops=run.train_flops, train_seconds=run.train_seconds,
-            flops_per_image=run.flops_per_image, per_image=per_image, device=run.device, say=say,
-            cpu_recipe=cpu_recipe)
+    images = project(args, step=run.step, train_flops=run.train_flops, train_seconds=run.train_seconds,
+                     flops_per_image=run.flops_per_image, per_image=per_image, device=run.device, say=say,
+                     cpu_recipe=cpu_recipe)
+    note_identical_emas(args, run.step + math.ceil(images / args.batch_size), say)
     if run.master:
         run.runlog = RunLog(run.log_folder, run.step if args.resume else None, args.tensorboard)
         say(f"=== writing {', '.join(run.saved_files())}, grids in {args.sample_dir}/, logs in {run.log_folder}/"
             f"{' (TensorBoard: tensorboard --logdir ' + args.log_dir + ')' if run.runlog.tb else ''}")
     return True
+
+
+def note_identical_emas(args, last_step, say):
+    """--ema-warmup holds every decay at (1 + n)/(10 + n) until that reaches it (ema.warmup_reaches):
+    the decays a run ends before reaching give identical EMAs. Say so before training, not after."""
+    decays = sorted({args.ema_decay, *args.ema_extra_decays})
+    held = [d for d in decays if warmup_reaches(d) >= last_step]
+    if args.ema_warmup and len(held) > 1:
+        reached = (1 + last_step) / (10 + last_step)
+        say(f"note: --ema-warmup holds the EMA decay at (1+n)/(10+n) ≤ {reached:.4f} up to this run's last step "
+            f"(≈ {last_step:,}); decays {', '.join(f'{d:g}' for d in held)} are reached only at steps "
+            f"{', '.join(f'{warmup_reaches(d):,}' for d in held)}, so their EMA files will be identical. "
+            f"Train longer, or keep decays below {reached:.4f}")
 
 
 class StopOnSignal:

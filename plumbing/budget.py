@@ -132,7 +132,8 @@ def seconds_per_training_image(model, config, device, amp, n=8):
 
 def project(args, *, step, train_flops, train_seconds, flops_per_image, per_image, device, say, cpu_recipe=None):
     """Before the first step: what is left of the configured run (images, PFLOP) and its projected
-    time at per_image seconds per training image; on a CPU, the CPU recipe when one exists and is off."""
+    time at per_image seconds per training image; on a CPU, the CPU recipe when one exists and is off.
+    Returns the images left."""
     images = (args.steps - step) * args.batch_size
     if args.max_pflop:
         images = min(images, images_until_pflop(args.max_pflop, train_flops, flops_per_image))
@@ -148,3 +149,4 @@ def project(args, *, step, train_flops, train_seconds, flops_per_image, per_imag
         f"{seconds / 3600:.1f} h on {device} at the measured {1 / per_image:.0f} img/s{sitting}")
     if device.type == "cpu" and cpu_recipe:
         say(f"=== on a CPU: the CPU recipe is {cpu_recipe}")
+    return images

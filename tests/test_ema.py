@@ -1,13 +1,16 @@
 """ema.py: θ_ema ← d·θ_ema + (1 − d)·θ, the warmup decay, buffers copied, state round trips; and the
 trainer's --ema-extra-decays: several EMA lengths kept at once, each as the main one would be."""
 
+from argparse import Namespace
+
 import pytest
 import torch
 import torch.nn as nn
 
 import train_mnist
 from conftest import run, tensors_equal
-from ema import EMA
+from ema import EMA, warmup_reaches
+from trainer import note_identical_emas
 from plumbing.checkpoint import load_for_sampling
 
 
@@ -44,6 +47,37 @@ def test_ema_after_k_updates_equals_closed_form():
     for name, _ in model.named_parameters():
         assert torch.allclose(ema.shadow[name], torch.full_like(ema.shadow[name], expected), rtol=1e-6), name
     assert ema.num_updates == k
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99, 0.999, 0.9995, 0.9998, 0.9999])
+def test_warmup_reaches_is_the_first_update_at_the_full_decay(decay):
+    ema = EMA(Toy(), decay=decay, warmup=True)
+    ema.num_updates = warmup_reaches(decay)
+    assert ema.current_decay() == decay
+    ema.num_updates -= 1
+    assert ema.current_decay() < decay
+
+
+def test_decays_warmup_never_reaches_average_identically_and_the_trainer_says_so_before_training():
+    # Trial D kept 0.999, 0.9995 and 0.9998 over 3,229 steps: three identical files.
+    model = Toy()
+    emas = [EMA(model, decay=d, warmup=True) for d in (0.999, 0.9995)]
+    for j in range(1, 30):
+        set_params(model, float(j) ** 0.5)
+        for ema in emas:
+            ema.update(model)
+    tensors_equal(emas[0].shadow, emas[1].shadow, "shadow")             # asserts each tensor equal
+    said = []
+    args = Namespace(ema_decay=0.999, ema_extra_decays=[0.9995, 0.9998], ema_warmup=True)
+    note_identical_emas(args, 3229, said.append)
+    assert len(said) == 1 and "0.999, 0.9995, 0.9998" in said[0] and "8,990, 17,990, 44,990" in said[0], said
+    for last_step, warmup, extra in ((3229, False, [0.9995, 0.9998]),     # no warmup: the decays differ
+                                     (50_000, True, [0.9995, 0.9998]),    # all reached before the end
+                                     (3229, True, [0.99])):               # 0.99 reached at 890: one held
+        said.clear()
+        note_identical_emas(Namespace(ema_decay=0.999, ema_extra_decays=extra, ema_warmup=warmup), last_step,
+                            said.append)
+        assert said == [], (last_step, warmup, extra)
 
 
 def test_ema_of_a_constant_model_converges_as_one_minus_d_to_the_k():
