@@ -1,5 +1,5 @@
 """tools/plot_campaign.py: the campaign plot's top axis gives each sitting's own CPU-hours, and the
-plot is drawn from a record in the format docs/results/*_campaign.csv keep."""
+plot is drawn from a record in the format docs/results/*_campaign.csv keep, one curve a campaign."""
 
 import csv
 import importlib.util
@@ -54,3 +54,35 @@ def test_the_end_scored_at_a_larger_n_is_its_own_series(tmp_path):
     assert [float(r["fid"]) for r in groups["2000"]] == [64.0, 50.0]
     assert [float(r["fid"]) for r in groups["10000"]] == [30.0]
     assert plot_campaign.plot(record).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_campaign_is_its_own_curve_on_one_pflop_axis_without_an_hours_axis(tmp_path, monkeypatch):
+    import matplotlib.figure
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
+    record = tmp_path / "two_campaign.csv"
+    fields = ["campaign", "sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "target"]
+    rows = [["campaign 1", 1, 100, 6400, 1.0, 1.5, 60.0, 0.04, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""],
+            ["campaign 1", 2, 200, 12800, 5.0, 7.8, 48.8, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""],
+            ["campaign 1", 2, 200, 12800, 5.0, 7.8, 28.4, 0.02, 0.001, 10000, 5.13, "", "ddpm", 50, 35],
+            ["campaign 2", 1, 300, 19200, 6.0, 10.0, 45.0, 0.02, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""],
+            ["campaign 2", 2, 400, 25600, 7.5, 13.0, 42.0, 0.02, 0.001, 2000, 25.1, 0.0, "ddpm", 50, ""]]
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    groups = plot_campaign.by_campaign(plot_campaign.read(record))
+    assert list(groups) == ["campaign 1", "campaign 2"] and [len(g) for g in groups.values()] == [3, 2]
+    plot_campaign.plot(record)
+    ax = drawn[-1].axes[0]
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.lines
+              if not line.get_label().startswith(("real", "target"))}
+    assert curves["campaign 1, FID-2000 (ddpm, 50 calls)"] == [1.0, 5.0]
+    assert curves["campaign 2, FID-2000 (ddpm, 50 calls)"] == [6.0, 7.5]
+    assert curves["model, FID-10000 (ddpm, 50 calls)"] == [5.0]
+    assert not ax.child_axes                        # no CPU-hours axis: the campaigns' machines differ
+    one = tmp_path / "one_campaign.csv"                  # the same record with one campaign: the hours axis is back
+    with open(one, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *[r for r in rows if r[0] == "campaign 1"]])
+    plot_campaign.plot(one)
+    assert drawn[-1].axes[0].child_axes

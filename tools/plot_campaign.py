@@ -5,12 +5,15 @@
 The record has one row per sitting and score: sitting, steps, images, pflop, hours, fid, kid, n,
 floor, sampler, calls, and optionally floor_n (the floor's n, when it is not the samples' n: the
 faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the one to hold against
-the floor) and target (a line to reach at the row's n). Rows at another n than the first row's
+the floor), target (a line to reach at the row's n) and campaign (a name: each campaign's sittings
+are their own curve on the same axes, at the PFLOP the record gives; a campaign that continues
+another counts on from its total). Rows at another n than the first row's
 (CIFAR-10: FID-2k after every sitting, FID-10k at the end) are their own points, beside their
 own floor. FID is plotted against PFLOP
 (bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor. The top axis
 follows the record's own hours, piecewise between sittings: a sitting that shared the CPU took
-more hours for its PFLOP, and its stretch of the axis shows it.
+more hours for its PFLOP, and its stretch of the axis shows it. With several campaigns the top
+axis is left out: they ran on different machines, so their hours do not compare; PFLOP do.
 """
 
 import argparse
@@ -28,6 +31,14 @@ def by_n(rows):
     groups = {}
     for r in rows:
         groups.setdefault(r["n"], []).append(r)
+    return groups
+
+
+def by_campaign(rows):
+    """The rows grouped by their campaign column, in the record's order (one group if it has none)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get("campaign") or "", []).append(r)
     return groups
 
 
@@ -54,14 +65,20 @@ def plot(path, out=None):
     import matplotlib.pyplot as plt
     everything = read(path)
     groups = by_n(everything)
-    rows = groups.pop(everything[0]["n"])             # the sittings' scores; the axes follow them
-    pflop = [float(r["pflop"]) for r in rows]
-    fid = [float(r["fid"]) for r in rows]
+    scored = groups.pop(everything[0]["n"])           # the sittings' scores; the axes follow them
+    campaigns = by_campaign(scored)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(pflop, fid, "o-", label=f"model, FID-{rows[0]['n']} ({rows[0]['sampler']}, {rows[0]['calls']} calls)")
+    for (name, rows), style in zip(campaigns.items(), ("o-", "^-", "v-", "P-")):
+        pflop, fid = [float(r["pflop"]) for r in rows], [float(r["fid"]) for r in rows]
+        ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} "
+                                         f"({rows[0]['sampler']}, {rows[0]['calls']} calls)")
+        floor_n = rows[0].get("floor_n")
+        small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
+        label_points(ax, pflop, fid, (4, -12 if small_too else 6))     # below where the floor line runs above
+    rows = next(iter(campaigns.values()))             # the first campaign's: the small n and the hours
+    pflop = [float(r["pflop"]) for r in rows]
     floor_n = rows[0].get("floor_n")
     small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
-    label_points(ax, pflop, fid, (4, -12 if small_too else 6))     # below where the floor line runs above
     for n, other in groups.items():                   # the end scored at a larger n: its own points
         xs, ys = [float(r["pflop"]) for r in other], [float(r["fid"]) for r in other]
         ax.plot(xs, ys, "D", color="tab:green", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
@@ -78,10 +95,10 @@ def plot(path, out=None):
     for target, n in {(r["target"], r["n"]) for r in everything if r.get("target")}:
         ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{n}: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
-    ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(pflop)))    # room for the last label
-    ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(fid)))    # room for the labels above the points
+    ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(float(r["pflop"]) for r in scored)))   # room for the labels
+    ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(float(r["fid"]) for r in scored)))
     hours = [float(r["hours"]) for r in rows]
-    if len(rows) > 1 and pflop[-1] > 0:
+    if len(campaigns) == 1 and len(rows) > 1 and pflop[-1] > 0:      # one campaign: its hours on top
         top = ax.secondary_xaxis("top", functions=hours_axis(pflop, hours))
         top.set_xlabel("CPU-hours (2 cores)")
     ax.grid(alpha=0.3)
