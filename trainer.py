@@ -519,8 +519,8 @@ def train(defaults, argv=None, presets=None, description=None):
                 else:
                     reason = finished
         finish(run, clock, reason, say, interrupted=stop.signal is not None)
-        if stop.signal == "SIGINT":
-            raise SystemExit(130)                           # saved; Ctrl-C's exit status, 128 + SIGINT
+        if stop.signal:             # saved; the shell's status for a stop by signal: 130 Ctrl-C, 143 kill
+            raise SystemExit(128 + signal.Signals[stop.signal])
     finally:
         lock.release()
         if dist.is_initialized():

@@ -172,8 +172,10 @@ def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(GaussianDiffusion, "loss", loss_then_sigterm)
     handler = signal.getsignal(signal.SIGTERM)
-    ckpt_dir = run(train_mnist, tmp_path, "--steps", "10")
-    assert torch.load(ckpt_dir / "mnist.pt", weights_only=True)["step"] == 2 and len(calls) == 2
+    with pytest.raises(SystemExit) as e:
+        run(train_mnist, tmp_path, "--steps", "10")
+    assert e.value.code == 143                            # saved, then the shell's convention: 128 + SIGTERM
+    assert torch.load(tmp_path / "ckpt" / "mnist.pt", weights_only=True)["step"] == 2 and len(calls) == 2
     assert signal.getsignal(signal.SIGTERM) is handler    # the trainer's handler is gone again
 
 
@@ -190,7 +192,8 @@ def test_second_signal_is_left_to_the_system(data_dir, tmp_path, monkeypatch):
         return loss(self, *args, **kwargs)
 
     monkeypatch.setattr(GaussianDiffusion, "loss", loss_then_sigterm)
-    run(train_mnist, tmp_path, "--steps", "5")
+    with pytest.raises(SystemExit):
+        run(train_mnist, tmp_path, "--steps", "5")
     assert seen == [signal.SIG_DFL, signal.SIG_DFL]     # ends the process at once, even inside a C call
 
 
