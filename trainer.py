@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from plumbing import data
-from plumbing.checkpoint import make_config, save_run
+from plumbing.checkpoint import ema_weights, make_config, save_run
 from plumbing.files import CheckpointError, RunLock, check_writable, load_checkpoint
 from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reached, images_until_pflop, learning_rate,
                              probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
@@ -187,6 +187,8 @@ def open_run_files(args, explicit, rank, say, lock):
     folders and lock file the lock made, to remove if the data then fails to load)."""
     ckpt_path = Path(args.ckpt_dir) / f"{args.run_name}.pt"
     ckpt = None
+    if args.resume and "init_from" in explicit:
+        raise SystemExit(f"error: --init-from starts a new run and --resume continues {ckpt_path}: pass one of them")
     if args.resume:
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: there is no {ckpt_path} to continue. A run's checkpoint is "
@@ -238,15 +240,10 @@ def load_data(args, device, rank, world, say, lock, made):
     """The dataset, its classes and the data stream -> (images, class_names, num_classes, Batches).
     A dataset that fails to load leaves no lock file or empty folder behind."""
     say(f"=== loading {args.dataset} …")
-    folders, lock_made = made
     try:
         images, labels, class_names = data.load_dataset(args.dataset, args.data_dir, args.image_size, train=True)
     except (FileNotFoundError, ValueError) as e:
-        if folders or lock_made:                  # leave no lock file or empty folder behind
-            lock.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                for folder in folders:
-                    folder.rmdir()
+        undo_run_files(lock, made)
         raise SystemExit(f"error: {e}") from None
     images, labels = data.subset(images, labels, args.limit_data)
     num_classes = None
@@ -266,15 +263,32 @@ def load_data(args, device, rank, world, say, lock, made):
     return images, class_names, num_classes, batches
 
 
+def undo_run_files(lock, made):
+    """A run refused after its lock was taken leaves no lock file or empty folder behind."""
+    folders, lock_made = made
+    if folders or lock_made:
+        lock.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            for folder in folders:
+                folder.rmdir()
+
+
 def build_run(args, explicit, device, rank, world, say, lock):
     """Output folders checked, the run's lock taken, then data, model, optimiser, EMA, and on --resume
     their saved state -> Run."""
     ckpt_path, ckpt, made = open_run_files(args, explicit, rank, say, lock)
+    start = read_init_from(args.init_from, lock, made) if args.init_from and ckpt is None else None
     images, class_names, num_classes, batches = load_data(args, device, rank, world, say, lock, made)
     config = make_config(args, images, class_names, num_classes)
 
     torch.manual_seed(args.seed)
     model = UNet(**config["model"]).to(device)
+    if start is not None:                       # --init-from: θ starts at a finished run's EMA weights
+        try:
+            model.load_state_dict(init_weights(start, config, args.init_from, model))
+        except SystemExit:
+            undo_run_files(lock, made)
+            raise
     diffusion = GaussianDiffusion(model, **config["diffusion"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda" or args.debug_sync_free)
@@ -303,7 +317,42 @@ def build_run(args, explicit, device, rank, world, say, lock):
                       width=110, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False))
     if ckpt is not None:
         say(f"=== resuming {ckpt_path} at step {run.step} (epoch {batches.epoch}, batch {batches.index})")
+    if start is not None:
+        hours = f", {start['train_seconds'] / 3600:.1f} h" if start.get("train_seconds") else ""
+        pflop = f", {start['train_flops'] / 1e15:.2f} PFLOP" if start.get("train_flops") else ""
+        say(f"=== weights from {args.init_from} (its EMA: step {start.get('step', '?')}{pflop}{hours}); a new "
+            "run with a fresh optimiser and lr schedule, whose steps and PFLOP count from 0")
     return run
+
+
+# What --init-from's checkpoint must share with the new run: the network's shape and the noise
+# process it learned to reverse. The training choices (dropout, t sampling, weighting) may change.
+INIT_MUST_MATCH = ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
+                   "image_size", "num_classes", "channels", "timesteps", "schedule", "objective", "variance")
+
+
+def read_init_from(path, lock, made):
+    """--init-from: the checkpoint whose EMA weights start a new run, read before the data (a bad
+    path stops the run at once, leaving nothing behind) -> its dict."""
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, OSError) as e:
+        undo_run_files(lock, made)
+        raise SystemExit(f"error: --init-from: {e}") from None
+
+
+def init_weights(start, config, path, model):
+    """--init-from: the checkpoint's EMA weights as `model`'s state dict (in the model's dtypes), if
+    it was trained with the same network and noise process; else SystemExit naming what differs."""
+    theirs = start["config"]
+    differ = [f"{k} {theirs[part].get(k)!r} there, {v!r} here" for part in ("model", "diffusion")
+              for k, v in config[part].items()
+              if k in INIT_MUST_MATCH and theirs[part].get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --init-from: {path} is another model ({'; '.join(differ)}): pass the model "
+                         "flags it was trained with (its preset, e.g. --cpu)")
+    own = model.state_dict()
+    return {k: v.to(own[k].dtype) for k, v in ema_weights(start).items()}
 
 
 def restore(run, ckpt, say=print):

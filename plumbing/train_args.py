@@ -37,7 +37,7 @@ DEFAULTS = dict(
     # feedback and outputs
     log_every=50, sample_every=1000, sample_count=64, sample_sampler=DEFAULT_SAMPLER, sample_steps=DEFAULT_STEPS, save_every=5000,
     eval_every=0, eval_samples=1000, ckpt_dir="checkpoints", sample_dir="samples", log_dir="runs",
-    tensorboard=None, resume=False, overwrite=False,
+    tensorboard=None, resume=False, overwrite=False, init_from=None,
     # system
     seed=0, device="auto", amp=True, compile=False, num_workers=4,
     # test hooks (hidden from --help)
@@ -50,7 +50,7 @@ ARCH_KEYS = ("dataset", "image_size", "class_cond", "base_channels", "channel_mu
 # What a checkpoint that predates these settings was trained with (its config has no such key).
 BEFORE_OPTION = {"loss_weighting": "simple", "min_snr_gamma": 5.0, "lr_schedule": "constant",
                  "clip_denoised": True, "t_sampling": "uniform", "max_pflop": None, "budget_minutes": None,
-                 "lognormal_mean": P_MEAN, "ema_extra_decays": []}
+                 "lognormal_mean": P_MEAN, "ema_extra_decays": [], "init_from": None}
 # Settings of one session, never taken from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "overwrite", "device", "data_dir", "ckpt_dir", "sample_dir", "log_dir", "max_minutes",
                 "num_workers", "amp", "compile", "tensorboard", "debug_nan_steps", "debug_dump_dir", "debug_sync_free",
@@ -227,6 +227,11 @@ def output_flags(g):
     g.add_argument("--resume", action="store_true", help="continue <ckpt-dir>/<run>.pt with its settings; "
                                                          "flags given now override them (e.g. a larger --steps)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <ckpt-dir>/<run>.pt exists")
+    g.add_argument("--init-from", metavar="CKPT",
+                   help="a new run whose weights start from CKPT's EMA weights (a finished run's _ema.pt, or "
+                        "pretrained/cifar10.pt), with a fresh optimiser, lr warmup and schedule, and EMA: to "
+                        "continue a campaign whose lr has run out. The model flags must match CKPT's; this run's "
+                        "steps and PFLOP count from 0 (CKPT's own are printed at the start)")
 
 
 def system_flags(g):
