@@ -31,7 +31,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from plumbing.checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling
+from plumbing.checkpoint import CheckpointError, ema_weights, load_checkpoint, load_for_sampling, seen_in_all
 from plumbing.device import DEVICE_HELP, pick_device, synchronize as sync
 from plumbing.data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -109,10 +109,12 @@ def describe_checkpoints(paths):
         class_names = (config.get("data") or {}).get("class_names")
         if num_classes:
             class_names = default_class_names(num_classes, class_names)
-        seen, n_data = ckpt.get("images_seen"), (config.get("data") or {}).get("num_images")
+        in_all, n_data = seen_in_all(ckpt), (config.get("data") or {}).get("num_images")   # --init-from chain too
+        seen = in_all["images_seen"] if ckpt.get("images_seen") is not None else None
         infos[name] = {
             "undertrained": seen is not None and bool(n_data) and seen < n_data,     # under one epoch: noise
-            "path": str(path), "config": config, "params": params, "step": ckpt.get("step"),
+            "path": str(path), "config": config, "params": params,
+            "step": in_all["step"] if ckpt.get("step") is not None else None,
             "quality": ckpt.get("quality"), "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
             "channels": diffusion_cfg["channels"], "num_classes": num_classes, "class_names": class_names,
         }

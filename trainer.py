@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from plumbing import data
-from plumbing.checkpoint import ema_weights, make_config, save_run
+from plumbing.checkpoint import ema_weights, make_config, save_run, seen_in_all
 from plumbing.files import CheckpointError, RunLock, check_writable, load_checkpoint
 from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reached, images_until_pflop, learning_rate,
                              probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
@@ -73,6 +73,7 @@ class Run:
         self.ema_diffusion.amp = args.amp and bf16_fast(device)      # grids and evaluations as generate.py draws them
         self.step, self.nan_skipped, self.nan_streak, self.train_seconds = 0, 0, 0, 0.0
         self.images_seen = 0    # over all sittings; training FLOPs = 3 × flops_per_image × images_seen
+        self.before = None      # --init-from: what the starting weights had seen (checkpoint.seen_in_all)
         self.flops_per_image = forward_flops(model, *probe_inputs(config, device))    # one forward pass
         self.progress = 0.0     # of the run's budget, in [0, 1] (budget.progress_now)
         self.seconds_per_image_step = None      # one network call per image, measured while training
@@ -146,7 +147,8 @@ class Run:
             return True
         stats = {"nan_skipped": self.nan_skipped, "nan_streak": self.nan_streak, "train_seconds": self.train_seconds,
                  "progress": self.progress, "images_seen": self.images_seen, "flops_per_image": self.flops_per_image,
-                 "train_flops": self.train_flops, **({"rng_ranks": states} if self.world > 1 else {})}
+                 "train_flops": self.train_flops, **({"before": self.before} if self.before else {}),
+                 **({"rng_ranks": states} if self.world > 1 else {})}
         try:
             save_run(self.ckpt_path, self.ema_path, self.config, self.model, self.ema, self.opt, self.step,
                      rng_state(self.device), self.batches.state_dict(), stats,
@@ -304,6 +306,8 @@ def build_run(args, explicit, device, rank, world, say, lock):
     run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path, ema_extra)
     if ckpt is not None:
         restore(run, ckpt, say)
+    if start is not None:
+        run.before = seen_in_all(start)
     elif world > 1:
         torch.manual_seed(args.seed + 1000 * rank)     # same initial weights, different noise per rank
 
@@ -318,10 +322,13 @@ def build_run(args, explicit, device, rank, world, say, lock):
     if ckpt is not None:
         say(f"=== resuming {ckpt_path} at step {run.step} (epoch {batches.epoch}, batch {batches.index})")
     if start is not None:
-        hours = f", {start['train_seconds'] / 3600:.1f} h" if start.get("train_seconds") else ""
-        pflop = f", {start['train_flops'] / 1e15:.2f} PFLOP" if start.get("train_flops") else ""
-        say(f"=== weights from {args.init_from} (its EMA: step {start.get('step', '?')}{pflop}{hours}); a new "
-            "run with a fresh optimiser and lr schedule, whose steps and PFLOP count from 0")
+        seen = run.before
+        hours = f", {seen['train_seconds'] / 3600:.1f} h" if seen["train_seconds"] else ""
+        pflop = f", {seen['train_flops'] / 1e15:.2f} PFLOP" if seen["train_flops"] else ""
+        chain = " in all, its own --init-from chain included" if start.get("before") else ""
+        say(f"=== weights from {args.init_from} (its EMA: step {seen['step']}{pflop}{hours}{chain}); a new run "
+            "with a fresh optimiser and lr schedule, whose steps and PFLOP count from 0 (the checkpoints keep "
+            "these as 'before')")
     return run
 
 
@@ -379,6 +386,7 @@ def restore(run, ckpt, say=print):
     run.saved_step = run.step
     run.train_seconds = ckpt.get("train_seconds", 0.0)
     run.images_seen = ckpt.get("images_seen", run.step * run.args.batch_size)   # older checkpoints: one batch size
+    run.before = ckpt.get("before")
     run.progress = ckpt.get("progress", run.step / run.args.steps)
     states = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(states) == run.world:

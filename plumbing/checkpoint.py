@@ -7,7 +7,9 @@ Layout (save_run; both files carry "config", so generate.py / fid.py / app.py re
     <ckpt-dir>/<run>_ema.pt   {"config", "ema_model", "step", "images_seen", "train_flops", ...}    (sampling)
 With --ema-extra-decays, <run>.pt also holds "ema_extra": {"0.9995": EMA state, ...}, and each extra
 decay d has its own <run>_ema<d>.pt, laid out as <run>_ema.pt; its config["train"] says "ema_decay": d
-(and lists the run's other decays, the main one first, as "ema_extra_decays").
+(and lists the run's other decays, the main one first, as "ema_extra_decays"). A run started with
+--init-from adds "before" to all of them: {"step", "images_seen", "train_flops", "train_seconds"}
+that its starting weights had seen (seen_in_all).
 
 config = {"dataset": str,
           "model":     UNet keyword arguments,
@@ -30,7 +32,18 @@ from unet import UNet
 
 # What a checkpoint says about the compute behind it (both files, and a shipped model): training
 # FLOPs = 3 × flops_per_image × images_seen (budget.training_flops); train_seconds over all sittings.
+# A run started with --init-from also carries "before": what its starting weights had seen in all
+# (seen_in_all of that checkpoint), so a chain of runs still says what its model cost.
 COMPUTE_KEYS = ("images_seen", "flops_per_image", "train_flops", "train_seconds")
+SEEN_KEYS = ("step", "images_seen", "train_flops", "train_seconds")
+
+
+def seen_in_all(ckpt):
+    """What a model has seen over its whole --init-from chain: its own counters plus its "before"
+    -> {step, images_seen, train_flops, train_seconds} (a counter a checkpoint lacks counts 0)."""
+    earlier = ckpt.get("before") or {}
+    return {k: (ckpt.get(k) or 0) + (earlier.get(k) or 0) for k in SEEN_KEYS}
+
 
 def model_settings(args, channels, image_size, num_classes):
     """The trainer's resolved flags -> (UNet keyword arguments, GaussianDiffusion keyword arguments):
@@ -72,9 +85,9 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
     """A training run's files, atomically: `path` holds everything --resume needs, `ema_path`
     only what sampling needs (the EMA weights in the model's dtypes, the config, the compute).
     stats: plain numbers of the run (nan_skipped, nan_streak, train_seconds, progress, images_seen,
-    flops_per_image, train_flops, and rng_ranks under DDP). extras: (decay, EMA, path) of each
-    --ema-extra-decays, written to `path` like `ema_path`. Refuses non-finite weights: the
-    previous files are then left as they were."""
+    flops_per_image, train_flops; before under --init-from; rng_ranks under DDP). extras: (decay,
+    EMA, path) of each --ema-extra-decays, written to `path` like `ema_path`. Refuses non-finite
+    weights: the previous files are then left as they were."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ema_state = cpu_state(ema)
     extra_states = {str(decay): cpu_state(extra) for decay, extra, _ in extras}
@@ -83,7 +96,7 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
         if not all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point()):
             raise CheckpointError(f"refusing to save non-finite weights at step {step}; the last good "
                                   f"checkpoint is {path}")
-    compute = {k: stats[k] for k in COMPUTE_KEYS}
+    compute = {k: stats[k] for k in (*COMPUTE_KEYS, "before") if k in stats}
     save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
                      "step": step, "rng": rng, "data_state": data_state, **stats,
                      **({"ema_extra": extra_states} if extras else {}),
@@ -107,7 +120,7 @@ def save_pretrained(ckpt, path, quality=None):
     seen (steps, images, PFLOP, hours) and its measured quality, one line such as "FID-10k 30.1
     (ancestral DDPM, 50 steps)". Read back with load_for_sampling, which computes in float32."""
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ema_weights(ckpt).items()}
-    keep = ("step", *COMPUTE_KEYS)
+    keep = ("step", *COMPUTE_KEYS, "before")
     config = copy.deepcopy(ckpt["config"])
     for key in LOCAL_PATHS:            # the training machine's folders: meaningless in a clone, not shipped
         if key in config.get("train", {}):
@@ -146,7 +159,7 @@ def load_for_sampling(path, device="cpu", amp=True):
     diffusion.amp = amp and bf16_fast(torch.device(device))
     # What the model has seen (older checkpoints: step × batch size, and no FLOPs).
     batch = config.get("train", {}).get("batch_size")
-    diffusion.trained = {"step": ckpt.get("step"), **{k: ckpt.get(k) for k in COMPUTE_KEYS}}
+    diffusion.trained = {"step": ckpt.get("step"), **{k: ckpt.get(k) for k in (*COMPUTE_KEYS, "before")}}
     if "images_seen" not in ckpt:
         diffusion.trained["images_seen"] = (ckpt.get("step") or 0) * (batch or 0) or None
     return diffusion.to(device).eval(), config

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from plumbing.checkpoint import CheckpointError, load_for_sampling
+from plumbing.checkpoint import CheckpointError, load_for_sampling, seen_in_all
 from plumbing.data import default_class_names
 from plumbing.device import DEVICE_HELP, pick_device, synchronize, time_call
 from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
@@ -339,15 +339,24 @@ def describe_training(diffusion, config, shipped=None, ckpt=None):
     seen = getattr(diffusion, "trained", None) or {}
     if seen.get("step") is None:
         return
-    images, flops, hours = seen.get("images_seen"), seen.get("train_flops"), (seen.get("train_seconds") or 0) / 3600
-    print(f"checkpoint: trained {seen['step']:,} steps" + (f", {images:,} images" if images else "")
-          + (f", {flops / 1e15:.3g} PFLOP" if flops else "") + (f", {hours:.2f} h" if hours else ""))
+    images = seen_in_all(seen)["images_seen"] if seen.get("images_seen") is not None else None
+    line = f"checkpoint: trained {compute_words(seen)}"
+    if seen.get("before"):                     # --init-from: the weights it started from had seen these
+        line += f" from weights that had seen {compute_words(seen['before'])}; {compute_words(seen_in_all(seen))} in all"
+    print(line)
     n_data = config.get("data", {}).get("num_images")
     if images is not None and n_data and images < n_data:
         instead = (f"; for the shipped model, pass --ckpt {shipped}" if shipped and os.path.exists(shipped)
                    and not (ckpt and os.path.exists(ckpt) and os.path.samefile(ckpt, shipped)) else "")
         print(f"warning: this model has seen {images:,} images, less than one pass over its {n_data:,} training "
               f"images: expect its samples to be mostly noise{instead}")
+
+
+def compute_words(seen):
+    """{step, images_seen, train_flops, train_seconds} -> "32,282 steps, 2,066,048 images, 5 PFLOP, 7.81 h"."""
+    images, flops, hours = seen.get("images_seen"), seen.get("train_flops"), (seen.get("train_seconds") or 0) / 3600
+    return (f"{seen['step']:,} steps" + (f", {images:,} images" if images else "")
+            + (f", {flops / 1e15:.3g} PFLOP" if flops else "") + (f", {hours:.2f} h" if hours else ""))
 
 
 @torch.no_grad()

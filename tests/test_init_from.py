@@ -65,3 +65,34 @@ def test_a_missing_source_and_resume_with_init_from_are_refused(data_dir, tmp_pa
     with pytest.raises(SystemExit) as e:
         run(train_mnist, tmp_path / "first", "--steps", "2", "--resume", "--init-from", str(source / "mnist_ema.pt"))
     assert "--init-from starts a new run and --resume continues" in str(e.value)
+
+
+def test_a_chain_of_runs_keeps_what_its_weights_cost(data_dir, tmp_path, capsys):
+    """Each --init-from run records what its starting weights had seen ("before", its source's own
+    counters plus the source's "before"), keeps it on --resume, and hands it on to the shipped file,
+    generate's "checkpoint:" line and the demo's step count."""
+    import generate
+    from tools import ship
+
+    first = run(train_mnist, tmp_path / "first", "--steps", "3")
+    a = torch.load(first / "mnist_ema.pt", weights_only=True)
+    assert "before" not in a                                                          # a run from noise
+    second = run(train_mnist, tmp_path / "second", "--steps", "2", "--init-from", str(first / "mnist_ema.pt"))
+    run(train_mnist, tmp_path / "second", "--steps", "4", "--resume")
+    b = torch.load(second / "mnist_ema.pt", weights_only=True)
+    assert b["step"] == 4 and b["before"]["step"] == 3                               # kept across --resume
+    assert b["before"]["images_seen"] == a["images_seen"] and b["before"]["train_flops"] == a["train_flops"]
+    third = run(train_mnist, tmp_path / "third", "--steps", "1", "--init-from", str(second / "mnist_ema.pt"))
+    c = torch.load(third / "mnist.pt", weights_only=True)
+    assert c["before"]["step"] == 3 + 4                                               # the whole chain
+    assert c["before"]["images_seen"] == a["images_seen"] + b["images_seen"]
+    assert c["before"]["train_seconds"] == pytest.approx(a["train_seconds"] + b["train_seconds"])
+
+    shipped = tmp_path / "shipped.pt"
+    ship.main([str(third / "mnist_ema.pt"), str(shipped)])
+    assert torch.load(shipped, weights_only=True)["before"] == c["before"]
+    capsys.readouterr()
+    generate.main(["--ckpt", str(shipped), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "g.png")])
+    said = capsys.readouterr().out
+    assert "checkpoint: trained 1 steps" in said and "from weights that had seen 7 steps" in said
+    assert f"{8 * 8:,} images" in said                                                # 8 steps × batch 8 in all

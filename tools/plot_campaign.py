@@ -67,7 +67,7 @@ def plot(path, out=None):
     groups = by_n(everything)
     scored = groups.pop(everything[0]["n"])           # the sittings' scores; the axes follow them
     campaigns = by_campaign(scored)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     for (name, rows), style in zip(campaigns.items(), ("o-", "^-", "v-", "P-")):
         pflop, fid = [float(r["pflop"]) for r in rows], [float(r["fid"]) for r in rows]
         ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} "
@@ -81,8 +81,8 @@ def plot(path, out=None):
     small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
     for n, other in groups.items():                   # the end scored at a larger n: its own points
         xs, ys = [float(r["pflop"]) for r in other], [float(r["fid"]) for r in other]
-        ax.plot(xs, ys, "D", color="tab:green", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
-        label_points(ax, xs, ys, (-30, -3), color="tab:green")
+        ax.plot(xs, ys, "D", color="black", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
+        label_points(ax, xs, ys, (-30, -3), color="black")
     if small_too:                                     # the floor's n differs: plot the FID at that n as well
         small = [float(r[f"fid{floor_n}"]) for r in rows]
         ax.plot(pflop, small, "s--", color="tab:blue", alpha=0.5, ms=4,
@@ -102,7 +102,7 @@ def plot(path, out=None):
         top = ax.secondary_xaxis("top", functions=hours_axis(pflop, hours))
         top.set_xlabel("CPU-hours (2 cores)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))    # beside the plot: no point hidden
     fig.tight_layout()
     out = out or Path(path).with_suffix(".png")
     fig.savefig(out, dpi=110)
