@@ -306,10 +306,10 @@ def build_run(args, explicit, device, rank, world, say, lock):
     run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path, ema_extra)
     if ckpt is not None:
         restore(run, ckpt, say)
-    if start is not None:
-        run.before = seen_in_all(start)
     elif world > 1:
         torch.manual_seed(args.seed + 1000 * rank)     # same initial weights, different noise per rank
+    if start is not None:
+        run.before = seen_in_all(start)
 
     n_params = sum(p.numel() for p in model.parameters())
     use_amp = args.amp and bf16_fast(device)

@@ -159,6 +159,26 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_once(data_dir,
     tensors_equal(ckpt["model"], r0["model"], "saved vs rank0")
 
 
+@pytest.mark.slow                                   # a run, then two processes that each start up and load MNIST
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_from_init_from_draws_its_own_noise_on_each_rank(data_dir, tmp_path):
+    """--init-from under DDP: the ranks start from the same weights but seed their noise apart, as a
+    run from noise does (the same noise on both would halve the batch), and the run keeps "before"."""
+    from conftest import run
+    import train_mnist
+    source = run(train_mnist, tmp_path / "first", "--steps", "2")
+    cmd = ["torchrun", "--nproc_per_node=2", "--standalone", "train_mnist.py", *TINY, "--steps", "2",
+           "--init-from", str(source / "mnist_ema.pt"), "--ckpt-dir", str(tmp_path / "ckpt"),
+           "--sample-dir", str(tmp_path / "samples"), "--log-dir", str(tmp_path / "runs")]
+    env = {**os.environ, "DDPM_DATA": str(data_dir)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt" / "mnist.pt", weights_only=True)
+    first, second = (state["torch"] for state in ckpt["rng_ranks"])
+    assert not torch.equal(first, second)                                  # each rank its own noise stream
+    assert ckpt["before"]["step"] == 2
+
+
 def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypatch):
     from diffusion import GaussianDiffusion
     calls = []
