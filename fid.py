@@ -2,6 +2,7 @@
 
     python fid.py --get-inception                                    # once: the FID weights, offline
     python fid.py --samples samples/cifar10_10k.npz --dataset cifar10 --split test
+    python fid.py --samples s1.npz s2.npz s3.npz s4.npz s5.npz --dataset cifar10 --split test   # 5 runs, one set
     python fid.py --samples samples/mnist.npz --dataset mnist --proxy
     python fid.py --ckpt checkpoints/mnist_ema.pt --proxy --n 2000 --sampler ddim --steps 50
     python fid.py --train-proxy mnist                                # (re)train checkpoints/proxy_mnist.pt
@@ -56,6 +57,19 @@ def load_samples(path):
     return images, meta
 
 
+def load_sample_sets(paths):
+    """Several sample sets (e.g. generate.py runs with seeds 1 … 5) -> one set: images joined in
+    order, the metadata the sets agree on. Sets of different image shapes are an error."""
+    loaded = [load_samples(path) for path in paths]
+    shapes = {tuple(images.shape[1:]) for images, _ in loaded}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{path}: {tuple(images.shape[1:])}" for path, (images, _) in zip(paths, loaded))
+        raise ValueError(f"--samples: the sets differ in image shape (C, H, W) ({sizes}); score them separately")
+    metas = [meta for _, meta in loaded]
+    agreed = {k: v for k, v in metas[0].items() if all(m.get(k) == v for m in metas[1:])}
+    return (loaded[0][0] if len(loaded) == 1 else torch.cat([images for images, _ in loaded])), agreed
+
+
 # ----------------------------------------------------------------------------- command line
 
 def fmt(x, digits=4):
@@ -65,8 +79,9 @@ def fmt(x, digits=4):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to do (one of)")
-    src.add_argument("--samples", help="score a folder of images or an .npz with uint8 'images' N×H×W×C "
-                                       "(generate.py --npz)")
+    src.add_argument("--samples", nargs="+", metavar="PATH",
+                     help="score a folder of images or an .npz with uint8 'images' N×H×W×C (generate.py --npz); "
+                          "several are joined into one set, in order")
     p.add_argument("--first", type=int, default=None, metavar="N",
                    help="--samples: score only the first N images (to set a score beside a floor measured at n = N)")
     src.add_argument("--ckpt", help="sample this checkpoint now (generate.py's flags below), then score it")
@@ -126,10 +141,13 @@ def images_to_score(args, parser):
         meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"],
                 "calls": resolved["calls"], "guidance_tag": guidance_tag(resolved)}
         return torch.from_numpy(images).permute(0, 3, 1, 2), args.dataset or config["dataset"], meta
-    images, meta = load_samples(args.samples)
+    try:
+        images, meta = load_sample_sets(args.samples)
+    except ValueError as e:
+        parser.error(str(e))
     if args.first is not None:
         if not 1 <= args.first <= len(images):
-            parser.error(f"--first {args.first}: {args.samples} holds {len(images)} images; give 1 … {len(images)}")
+            parser.error(f"--first {args.first}: {' + '.join(args.samples)} holds {len(images)} images; give 1 … {len(images)}")
         images = images[:args.first]
     dataset = args.dataset or meta.get("dataset")
     if not dataset:

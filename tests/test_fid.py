@@ -117,6 +117,32 @@ def test_inception_fid_runs_end_to_end_with_stand_in_weights(stand_in_inception,
         assert f"--first {bad}: " in err and "holds 4 images; give 1 … 4" in err
 
 
+def test_several_sample_sets_score_as_one_joined_set(stand_in_inception, tmp_path, capsys, monkeypatch):
+    # generate.py runs with seeds 1 … 5 scored as one set of 10,000: their images joined in order,
+    # the metadata they agree on; sets of different image shapes are refused with what to do
+    rng = np.random.RandomState(0)
+    parts = [rng.randint(0, 256, (n, 16, 16, 3), dtype=np.uint8) for n in (3, 2)]
+    for k, (images, steps) in enumerate(zip(parts, (50, 100))):
+        np.savez(tmp_path / f"p{k}.npz", images=images, sampler=np.asarray("ddpm"), steps=np.asarray(steps))
+    paths = [tmp_path / "p0.npz", tmp_path / "p1.npz"]
+    images, meta = fid.load_sample_sets(paths)
+    assert torch.equal(images, torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2))
+    assert meta == {"sampler": "ddpm"}                                   # steps differ: not claimed
+
+    monkeypatch.setattr(metrics, "frechet_distance",
+                        lambda m1, s1, m2, s2, f=metrics.frechet_distance: f(m1[:32], s1[:32, :32], m2[:32], s2[:32, :32]))
+    common = ["--dataset", str(tiny_npz(tmp_path / "r.npz", 4, 2)), "--inception-weights", str(stand_in_inception),
+              "--ckpt-dir", str(tmp_path / "ck"), "--kid-subsets", "2", "--kid-subset-size", "4", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="NON-standard"):
+        joined = fid.main(["--samples", *map(str, paths), "--first", "4"] + common)
+    assert joined["n"] == 4 and "n=4 vs r train (4 images), sampler=ddpm, steps=unknown" in capsys.readouterr().out
+    small = tiny_npz(tmp_path / "small.npz", 2, 3, size=8)
+    with pytest.raises(SystemExit):
+        fid.main(["--samples", str(paths[0]), str(small)] + common)
+    err = capsys.readouterr().err
+    assert "differ in image shape" in err and "(3, 8, 8)" in err and "score them separately" in err
+
+
 def test_missing_inception_weights_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(fid.InceptionError, match="--proxy"):
         fid.Inception(tmp_path / "nope.pth")

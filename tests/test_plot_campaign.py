@@ -86,3 +86,28 @@ def test_each_campaign_is_its_own_curve_on_one_pflop_axis_without_an_hours_axis(
         csv.writer(f).writerows([fields, *[r for r in rows if r[0] == "campaign 1"]])
     plot_campaign.plot(one)
     assert drawn[-1].axes[0].child_axes
+
+
+def test_each_way_of_sampling_at_the_larger_n_is_its_own_series(tmp_path, monkeypatch):
+    # FID-10k of one model sampled three ways (unguided, w = 1, w = 2 in an interval): three
+    # series at the same PFLOP, each named by its sampler, calls and guidance
+    import matplotlib.figure
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
+    record = tmp_path / "guided_campaign.csv"
+    fields = ["sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "target", "guidance"]
+    rows = [[1, 100, 6400, 2.0, 3.0, 60.0, 0.04, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", ""],
+            [2, 200, 12800, 5.0, 7.8, 48.8, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", ""],
+            [2, 200, 12800, 5.0, 7.8, 28.4, 0.02, 0.001, 10000, 5.13, "", "ddpm", 50, 35, ""],
+            [2, 200, 12800, 5.0, 7.8, 21.0, 0.01, 0.001, 10000, 5.13, "", "ddpm", 100, "", "w = 1"],
+            [2, 200, 12800, 5.0, 7.8, 19.0, 0.01, 0.001, 10000, 5.13, "", "ddpm", 85, "", "w = 2 for 0.28 < σ ≤ 5.42"]]
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    plot_campaign.plot(record)
+    points = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in drawn[-1].axes[0].lines}
+    assert points["model, FID-2000 (ddpm, 50 calls)"] == ([2.0, 5.0], [60.0, 48.8])
+    assert points["model, FID-10000 (ddpm, 50 calls)"] == ([5.0], [28.4])
+    assert points["model, FID-10000 (ddpm, 100 calls, w = 1)"] == ([5.0], [21.0])
+    assert points["model, FID-10000 (ddpm, 85 calls, w = 2 for 0.28 < σ ≤ 5.42)"] == ([5.0], [19.0])

@@ -3,13 +3,14 @@
     python -m tools.plot_campaign docs/results/cifar10_campaign.csv     # -> docs/results/cifar10_campaign.png
 
 The record has one row per sitting and score: sitting, steps, images, pflop, hours, fid, kid, n,
-floor, sampler, calls, and optionally floor_n (the floor's n, when it is not the samples' n: the
+floor, sampler, calls, and optionally guidance (how the samples were guided, e.g. "w = 1"; empty:
+none), floor_n (the floor's n, when it is not the samples' n: the
 faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the one to hold against
 the floor), target (a line to reach at the row's n) and campaign (a name: each campaign's sittings
 are their own curve on the same axes, at the PFLOP the record gives; a campaign that continues
 another counts on from its total). Rows at another n than the first row's
 (CIFAR-10: FID-2k after every sitting, FID-10k at the end) are their own points, beside their
-own floor. FID is plotted against PFLOP
+own floor, one series for each way of sampling (sampler, calls, guidance). FID is plotted against PFLOP
 (bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor. The top axis
 follows the record's own hours, piecewise between sittings: a sitting that shared the CPU took
 more hours for its PFLOP, and its stretch of the axis shows it. With several campaigns the top
@@ -42,6 +43,11 @@ def by_campaign(rows):
     return groups
 
 
+def sampling_words(row):
+    """How a row's samples were drawn, for a legend: "ddpm, 85 calls, w = 2 for 0.28 < σ ≤ 5.42"."""
+    return ", ".join(filter(None, (row["sampler"], f"{row['calls']} calls", row.get("guidance"))))
+
+
 def hours_axis(pflop, hours):
     """(PFLOP -> hours, hours -> PFLOP): piecewise linear through (0, 0) and each sitting's
     (pflop, hours), past the last sitting at the campaign's average rate. Both increase, as
@@ -70,8 +76,7 @@ def plot(path, out=None):
     fig, ax = plt.subplots(figsize=(9.5, 4))
     for (name, rows), style in zip(campaigns.items(), ("o-", "^-", "v-", "P-")):
         pflop, fid = [float(r["pflop"]) for r in rows], [float(r["fid"]) for r in rows]
-        ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} "
-                                         f"({rows[0]['sampler']}, {rows[0]['calls']} calls)")
+        ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} ({sampling_words(rows[0])})")
         floor_n = rows[0].get("floor_n")
         small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
         label_points(ax, pflop, fid, (4, -12 if small_too else 6))     # below where the floor line runs above
@@ -79,10 +84,14 @@ def plot(path, out=None):
     pflop = [float(r["pflop"]) for r in rows]
     floor_n = rows[0].get("floor_n")
     small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
-    for n, other in groups.items():                   # the end scored at a larger n: its own points
-        xs, ys = [float(r["pflop"]) for r in other], [float(r["fid"]) for r in other]
-        ax.plot(xs, ys, "D", color="black", label=f"model, FID-{n} ({other[0]['sampler']}, {other[0]['calls']} calls)")
-        label_points(ax, xs, ys, (-30, -3), color="black")
+    for n, other in groups.items():                   # the end scored at a larger n: its own points,
+        ways = {}                                     # a series for each way of sampling
+        for r in other:
+            ways.setdefault(sampling_words(r), []).append(r)
+        for (words, these), marker, offset in zip(ways.items(), "D*Xp", ((-30, -3), (8, -3), (-30, -12), (8, -12))):
+            xs, ys = [float(r["pflop"]) for r in these], [float(r["fid"]) for r in these]
+            ax.plot(xs, ys, marker, color="black", ms=9 if marker == "*" else 6, label=f"model, FID-{n} ({words})")
+            label_points(ax, xs, ys, offset, color="black")
     if small_too:                                     # the floor's n differs: plot the FID at that n as well
         small = [float(r[f"fid{floor_n}"]) for r in rows]
         ax.plot(pflop, small, "s--", color="tab:blue", alpha=0.5, ms=4,
