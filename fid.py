@@ -67,7 +67,7 @@ def load_sample_sets(paths):
         raise ValueError(f"--samples: the sets differ in image shape (C, H, W) ({sizes}); score them separately")
     metas = [meta for _, meta in loaded]
     agreed = {k: v for k, v in metas[0].items() if all(m.get(k) == v for m in metas[1:])}
-    return (loaded[0][0] if len(loaded) == 1 else torch.cat([images for images, _ in loaded])), agreed
+    return torch.cat([images for images, _ in loaded]), agreed
 
 
 # ----------------------------------------------------------------------------- command line
