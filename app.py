@@ -5,7 +5,10 @@
     python app.py --port 7861 --host 0.0.0.0        # serve on the network; --share for a public link
 
 Pick a checkpoint, a sampler (ancestral DDPM on a 50-step respacing by default), a seed and how many images; for a
-class-conditional model also the class and the classifier-free guidance weight w. The page shows
+class-conditional model also the class and the classifier-free guidance weight w. For a model with a best
+measured sampling (plumbing/sampling.py's BEST_SAMPLING; CIFAR-10: EDM's stochastic Heun, 50 calls, churn 5,
+w = 2 only where 0.28 < σ ≤ 5.42, the "guidance interval" box), one button sets it; the page still opens on
+the plain default, whose 16 images fit the demo's 10 s on a 2-core CPU (docs/demo.md). The page shows
 x_t and the model's current guess x̂_0 side by side while the reverse chain runs (as often as those
 frames cost at most a fifth of the run), then the final grid, with the grid as a PNG to download.
 The time estimate is the network's timed calls until a model has run, then its last run's time.
@@ -36,8 +39,9 @@ from plumbing.device import DEVICE_HELP, pick_device, synchronize as sync
 from plumbing.data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from plumbing.images import make_grid, to_pil, to_uint8
-from plumbing.sampling import (THREADS_HELP, SamplingError, estimate_seconds as sampling_seconds, resolve_sampling,
-                               set_threads)
+from plumbing.sampling import (THREADS_HELP, SamplingError, best_sampling, best_sampling_flags,
+                               estimate_seconds as sampling_seconds, resolve_sampling, set_threads)
+from samplers import CHURN, Guidance
 
 # ----------------------------------------------------------------------------- the page's limits
 CKPT_DIR = "checkpoints"     # where *_ema.pt are looked for without --ckpt
@@ -59,7 +63,8 @@ MODEL_CACHE = 2              # models kept loaded
 QUEUE_SIZE = 16              # runs waiting beyond that are refused ("queue full")
 ALL_CLASSES = "all classes, in turn"
 SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "EDM": "edm", "DPM-Solver++": "dpmpp2m"}     # shown: used
-SHOWN_DEFAULT = next(shown for shown, name in SAMPLERS.items() if name == DEFAULT_SAMPLER)
+SHOWN = {name: shown for shown, name in SAMPLERS.items()}
+SHOWN_DEFAULT = SHOWN[DEFAULT_SAMPLER]
 
 TRAIN_FIRST = """\
 ### No checkpoint found
@@ -117,6 +122,7 @@ def describe_checkpoints(paths):
             "step": in_all["step"] if ckpt.get("step") is not None else None,
             "quality": ckpt.get("quality"), "T": diffusion_cfg.get("timesteps", 1000), "image_size": diffusion_cfg["image_size"],
             "channels": diffusion_cfg["channels"], "num_classes": num_classes, "class_names": class_names,
+            "best": best_sampling(config),        # its best measured sampling, which the button sets; or None
         }
         del ckpt
     return infos, problems
@@ -169,6 +175,11 @@ def save_png(grid, folder, stem):
     return str(path)
 
 
+def interval_label(band):
+    """The guidance interval box's label for a band (σ_lo, σ_hi), or a blank one where the model has none."""
+    return "Guidance interval: w only where {:g} < σ ≤ {:g}".format(*band) if band else "Guidance interval"
+
+
 # ----------------------------------------------------------------------------- the app
 
 class App:
@@ -187,10 +198,11 @@ class App:
 
     # ------------------------------------------------------------------ inputs
 
-    def check_inputs(self, name, sampler, steps, seed, n, class_name, guidance):
+    def check_inputs(self, name, sampler, steps, seed, n, class_name, guidance, interval=False):
         """Validate on the server (the sliders' limits are only a hint to the browser): the page's own
         limits here, the model's through sampling.resolve_sampling, the check generate.py uses.
-        Returns (info, diffusion, sampler, steps, seed, n, labels or None, guidance) or raises gr.Error."""
+        interval: apply w only in the model's measured guidance interval (its best sampling's).
+        Returns (info, diffusion, sampler, steps, seed, n, labels or None, Guidance) or raises gr.Error."""
         if name not in self.infos:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
         info = self.infos[name]
@@ -214,13 +226,39 @@ class App:
                 raise gr.Error(f"guidance w must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
             class_ = None if class_name == ALL_CLASSES else class_name
         guidance = float(guidance) if info["num_classes"] else 0.0
+        band = (info["best"] or {}).get("guidance_interval")
+        if interval and not band:
+            raise gr.Error("this model has no measured guidance interval; leave the box unticked")
         diffusion = self.models.get(info["path"], self.device)
         try:
             steps, labels, _ = resolve_sampling(diffusion, info["config"], sampler=SAMPLERS[sampler], steps=steps,
                                                 n=n, class_=class_, guidance=guidance)
         except SamplingError as e:
             raise gr.Error(f"{e.setting}: {e}") from None
-        return info, diffusion, sampler, steps, seed, n, labels, guidance
+        return info, diffusion, sampler, steps, seed, n, labels, Guidance(guidance, *(band if interval else ()))
+
+    def churn(self, info, sampler):
+        """EDM's S_churn on this page: the model's best sampling's where that is EDM, else EDM's CHURN."""
+        best = info["best"] or {}
+        return {"churn": best.get("churn", CHURN) if best.get("sampler") == "edm" else CHURN} if sampler == "EDM" else {}
+
+    def guided_calls(self, info, sampler, steps, guidance):
+        """How many of the run's network calls evaluate the guided pair (y, ∅) at batch 2n: all of them
+        with w > 0 at every step, those whose σ lies in the interval, none at w = 0."""
+        if not guidance.w:
+            return 0
+        diffusion = self.models.get(info["path"], self.device)
+        ts = diffusion.sampling_timesteps(SAMPLERS[sampler], steps, **self.churn(info, sampler))
+        return guidance.calls(diffusion.sigma_table, ts) - len(ts)
+
+    def page_defaults(self, info, best=False):
+        """The settings the page opens a model on, the plain defaults; with best=True its best measured
+        sampling where it has one -> (sampler as shown, steps, w, interval ticked)."""
+        best = info["best"] if best else None
+        if best:
+            return SHOWN[best["sampler"]], self.steps_for(info, best["steps"], best["sampler"]), best["guidance"], \
+                "guidance_interval" in best
+        return SHOWN_DEFAULT, self.steps_for(info, DEFAULT_STEPS), DEFAULT_GUIDANCE, False
 
     # ------------------------------------------------------------------ time estimate
 
@@ -233,46 +271,51 @@ class App:
             self.call_seconds[key] = sampling_seconds(diffusion, batch, n=batch, calls=1)
         return self.call_seconds[key]
 
-    def estimate_seconds(self, info, calls, n, guidance):
-        """Seconds for a whole run: the network calls, timed on this device, scaled by what the last
-        real run of this model took beyond them (the sampler's arithmetic, the live frames); before
-        the first run, by FIRST_ESTIMATE (the live frames take up to PREVIEW_SHARE of a run)."""
-        batch = 2 * n if guidance else n          # guidance runs the net on (y, ∅) together
-        scale = self.calibration.get(info["path"], FIRST_ESTIMATE)
-        return calls * self.seconds_per_call(info, batch) * scale, batch
+    def calls_seconds(self, info, calls, n, guided):
+        """The network calls' seconds alone: calls − guided at batch n, `guided` at batch 2n (guidance runs
+        the net on (y, ∅) together), each batch size timed on this device."""
+        return sum(k * self.seconds_per_call(info, batch) for k, batch in ((calls - guided, n), (guided, 2 * n)) if k)
 
-    def calibrate(self, info, calls, n, guidance, seconds):
+    def estimate_seconds(self, info, calls, n, guided):
+        """Seconds for a whole run of `calls` network calls, `guided` of them guided (guided_calls): the
+        calls, timed on this device, scaled by what the last real run of this model took beyond them
+        (the sampler's arithmetic, the live frames); before the first run, by FIRST_ESTIMATE (the live
+        frames take up to PREVIEW_SHARE of a run). -> (seconds, the largest batch)."""
+        scale = self.calibration.get(info["path"], FIRST_ESTIMATE)
+        return self.calls_seconds(info, calls, n, guided) * scale, 2 * n if guided else n
+
+    def calibrate(self, info, calls, n, guided, seconds):
         """After a real run: remember how its time compared with the network calls' alone (either way:
         the next estimate of the same settings is this run's time)."""
-        batch = 2 * n if guidance else n
-        key = (info["path"], str(self.device), batch)
-        if key in self.call_seconds and calls:
-            self.calibration[info["path"]] = seconds / (calls * self.call_seconds[key])
+        needed = [batch for k, batch in ((calls - guided, n), (guided, 2 * n)) if k]
+        if needed and all((info["path"], str(self.device), batch) in self.call_seconds for batch in needed):
+            self.calibration[info["path"]] = seconds / self.calls_seconds(info, calls, n, guided)
 
-    def estimate(self, name, sampler, steps, n, class_name, guidance):
+    def estimate(self, name, sampler, steps, n, class_name, guidance, interval=False):
         """Markdown: how long a run with these settings will take."""
         try:
             info, _, sampler, calls, _, n, _, guidance = self.check_inputs(name, sampler, steps, 0, n, class_name,
-                                                                           guidance)
+                                                                           guidance, interval)
         except gr.Error as e:
             return f"⚠️ {e.message}"
-        seconds, batch = self.estimate_seconds(info, calls, n, guidance)
+        guided = self.guided_calls(info, sampler, calls, guidance)
+        seconds, batch = self.estimate_seconds(info, calls, n, guided)
         how = ("calibrated on the last run" if info["path"] in self.calibration
                else f"network calls + up to {FIRST_ESTIMATE - 1:.0%} for the live frames; calibrated after the first run")
-        return (f"Estimated time: **≈ {seconds:.1f} s** on {self.device.type} "
-                f"({calls} network calls at batch {batch}; {how}).")
+        at = (f"batch {batch}" if guided in (0, calls) else f"batch {2 * n} for the {guided} guided, {n} for the rest")
+        return f"Estimated time: **≈ {seconds:.1f} s** on {self.device.type} ({calls} network calls at {at}; {how})."
 
-    def steps_for(self, info, steps):
-        """The default sampler's calls for `steps` on this model: steps, at most its T."""
+    def steps_for(self, info, steps, sampler=DEFAULT_SAMPLER):
+        """The sampler's calls for `steps` on this model: steps, at most its T."""
         diffusion = self.models.get(info["path"], self.device)
-        return len(diffusion.sampling_timesteps(DEFAULT_SAMPLER, steps, cap_steps=True))
+        return len(diffusion.sampling_timesteps(sampler, steps, cap_steps=True))
 
     def default_seconds(self, name):
-        """A default run's estimated seconds (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_IMAGES) for this model."""
+        """A default run's estimated seconds (page_defaults, DEFAULT_IMAGES) for this model."""
         info = self.infos[name]
-        calls = self.steps_for(info, DEFAULT_STEPS)
-        guidance = DEFAULT_GUIDANCE if info["num_classes"] else 0.0
-        return self.estimate_seconds(info, calls, DEFAULT_IMAGES, guidance)[0]
+        sampler, calls, w, interval = self.page_defaults(info)
+        guidance = self.check_inputs(name, sampler, calls, 0, DEFAULT_IMAGES, ALL_CLASSES, w, interval)[-1]
+        return self.estimate_seconds(info, calls, DEFAULT_IMAGES, self.guided_calls(info, sampler, calls, guidance))[0]
 
     def model_choices(self):
         """[(label with the default run's estimate, name)], fastest first, a model trained for under one
@@ -294,40 +337,58 @@ class App:
         return (f"**{cfg.get('dataset', '?')}** · {info['image_size']}×{info['image_size']}×{info['channels']} · "
                 f"{info['params'] / 1e6:.2f}M parameters{step} · {kind} · T = {info['T']}, "
                 f"{diffusion_cfg.get('schedule', 'linear')} schedule, predicts {diffusion_cfg.get('objective', 'eps')}"
+                + (f"\n\nIts best measured sampling (the button below): `{best_sampling_flags(info['best'])}`"
+                   if info["best"] else "")
                 + ("\n\n⚠️ trained for less than one pass over its data (a run stopped early?): expect noise; the "
                    "shipped models are marked (shipped)" if info.get("undertrained") else ""))
 
-    def on_model_change(self, name, steps):
-        """Model picked -> its description, the steps limit (T), and the class/guidance inputs."""
+    def on_model_change(self, name):
+        """Model picked -> its description, and the inputs set to its defaults (page_defaults): the
+        sampler, the steps (at most its T), the class and guidance inputs, the guidance interval box."""
         if name not in self.infos:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
         info = self.infos[name]
         conditional = bool(info["num_classes"])
-        steps = self.steps_for(info, int(steps or DEFAULT_STEPS))
-        return (self.model_markdown(info),
-                gr.update(maximum=info["T"], value=steps),
+        band = (info["best"] or {}).get("guidance_interval")
+        sampler, steps, guidance, interval = self.settings_updates(info)
+        return (self.model_markdown(info), sampler, steps, guidance,
+                {**interval, "visible": bool(band), "label": interval_label(band)},
                 gr.update(choices=[ALL_CLASSES, *(info["class_names"] or [])], value=ALL_CLASSES, visible=conditional),
-                gr.update(visible=conditional))
+                gr.update(visible=bool(info["best"])))
+
+    def settings_updates(self, info, best=False):
+        """page_defaults as the updates of the sampler, steps, guidance and interval inputs."""
+        sampler, steps, w, interval = self.page_defaults(info, best)
+        return (gr.update(value=sampler), gr.update(maximum=info["T"], value=steps),
+                gr.update(visible=bool(info["num_classes"]), value=w), gr.update(value=interval))
+
+    def on_best(self, name):
+        """The "best measured sampling" button -> the sampler, steps, guidance and interval inputs set to it."""
+        if name not in self.infos:
+            raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
+        return self.settings_updates(self.infos[name], best=True)
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, name, sampler, steps, seed, n, class_name, guidance):
+    def generate(self, name, sampler, steps, seed, n, class_name, guidance, interval=False):
         """Stream (x_t grid, x̂_0 grid, final grid, PNG path, status) while the reverse chain runs."""
         info, diffusion, sampler, steps, seed, n, labels, guidance = self.check_inputs(
-            name, sampler, steps, seed, n, class_name, guidance)           # loads the model (cached)
+            name, sampler, steps, seed, n, class_name, guidance, interval)     # loads the model (cached)
         total = steps                                                     # network calls
+        guided = self.guided_calls(info, sampler, steps, guidance)
         every = max(1, math.ceil(total / FRAMES))
         if labels is not None:
             labels = labels.to(self.device)
         generator = torch.Generator("cpu").manual_seed(seed)    # same images on every device
-        timed = (info["path"], str(self.device), 2 * n if guidance else n) in self.call_seconds
-        predicted = self.estimate_seconds(info, total, n, guidance)[0] if timed else None    # what the page said
+        timed = all((info["path"], str(self.device), batch) in self.call_seconds
+                    for k, batch in ((total - guided, n), (guided, 2 * n)) if k)
+        predicted = self.estimate_seconds(info, total, n, guided)[0] if timed else None    # what the page said
         start = self.clock()
         x, preview, frames = None, 0.0, 0     # seconds of live frames (drawing them, the page's handling of each)
         last_frame = -math.inf
         for k, (t, x, x0) in enumerate(diffusion.sample_iter(
                 n, sampler=SAMPLERS[sampler], steps=steps, labels=labels, guidance=guidance,
-                generator=generator, progress=False)):
+                generator=generator, progress=False, **self.churn(info, sampler))):
             now = self.clock()
             frame = preview / frames if frames else 0.0           # a frame's cost, as measured so far
             if ((k + 1) % every == 0 and k + 1 < total and now - last_frame >= FRAME_GAP
@@ -341,12 +402,14 @@ class App:
         grid = to_grid(x)
         seconds = self.clock() - start
         self.last_run = {"seconds": seconds, "preview": preview, "estimate": predicted}
-        self.calibrate(info, total, n, guidance, seconds)
-        what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance:g}" if info["num_classes"] else "")
+        self.calibrate(info, total, n, guided, seconds)
+        what = f"{sampler.lower()}{steps}_seed{seed}" + (f"_w{guidance.w:g}" if info["num_classes"] else "")
+        what += "_s{:g}-{:g}".format(guidance.sigma_lo, guidance.sigma_hi) if interval and guidance.w else ""
         png = save_png(grid, self.out_dir, f"{name}_{what}")
         shown = to_display(grid)
         yield (shown, to_display(to_grid(x0)), shown, png,
-               f"Done: {n} images, {sampler} {steps} steps, seed {seed}, in {seconds:.1f} s.")
+               f"Done: {n} images, {sampler} {steps} steps{f', {guided} of them guided' if guided else ''}, "
+               f"seed {seed}, in {seconds:.1f} s.")
 
 
 def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
@@ -365,6 +428,8 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
         choices = app.model_choices()                     # fastest on this device first
         first = infos[choices[0][1]]
         conditional = bool(first["num_classes"])
+        first_sampler, first_steps, first_w, first_interval = app.page_defaults(first)
+        first_band = (first["best"] or {}).get("guidance_interval")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 model = gr.Dropdown(choices, value=choices[0][1], label="Model",
@@ -372,18 +437,22 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 about = gr.Markdown(app.model_markdown(first))
                 if warning:
                     gr.Markdown(warning)
-                sampler = gr.Radio(list(SAMPLERS), value=SHOWN_DEFAULT, label="Sampler",
+                sampler = gr.Radio(list(SAMPLERS), value=first_sampler, label="Sampler",
                                    info="DDPM: ancestral (all T steps = Algorithm 2; fewer = a respaced chain); "
                                         "DDIM: deterministic; EDM: stochastic Heun; DPM-Solver++: ODE, for "
                                         "well-trained models")
-                steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=app.steps_for(first, DEFAULT_STEPS),
-                                  step=1, label="Steps", info="reverse steps, at most T")
+                steps = gr.Slider(1, max(i["T"] for i in infos.values()), value=first_steps,
+                                  step=1, label="Steps", info="network calls per image (EDM: Heun takes two a step), at most T")
                 n = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Images")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 class_name = gr.Dropdown([ALL_CLASSES, *(first["class_names"] or [])], value=ALL_CLASSES,
                                          label="Class", visible=conditional, allow_custom_value=True)
-                guidance = gr.Slider(0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, visible=conditional,
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=first_w, step=0.5, visible=conditional,
                                      label="Guidance w", info="classifier-free guidance; 0 = none")
+                interval = gr.Checkbox(first_interval, visible=bool(first_band), label=interval_label(first_band),
+                                       info="Kynkäänniemi et al. 2024: w = 0 outside the band, one network call there")
+                best = gr.Button("Best measured sampling", size="sm", visible=bool(first["best"]), elem_id="best",
+                                 variant="secondary")
                 estimate = gr.Markdown(elem_id="estimate")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -395,15 +464,18 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 final = gr.Image(label="Result", format="png", interactive=False, elem_id="final")
                 download = gr.DownloadButton("Download PNG", elem_id="download")
 
-        settings = [model, sampler, steps, n, class_name, guidance]
+        settings = [model, sampler, steps, n, class_name, guidance, interval]
         shared = dict(concurrency_limit=1, concurrency_id="model")   # timing and sampling take turns
-        on_model = dict(fn=app.on_model_change, inputs=[model, steps], outputs=[about, steps, class_name, guidance])
+        on_model = dict(fn=app.on_model_change, inputs=[model],
+                        outputs=[about, sampler, steps, guidance, interval, class_name, best])
         demo.load(**on_model, api_name="model_info").then(app.estimate, settings, estimate, api_name="estimate",
                                                             **shared)
         model.change(**on_model, api_name=False).then(app.estimate, settings, estimate, api_name=False, **shared)
-        for event in (sampler.change, class_name.change, steps.release, n.release, guidance.release):
+        for event in (sampler.change, class_name.change, steps.release, n.release, guidance.release, interval.change):
             event(app.estimate, settings, estimate, trigger_mode="always_last", api_name=False, **shared)
-        button.click(app.generate, [model, sampler, steps, seed, n, class_name, guidance],
+        best.click(app.on_best, [model], [sampler, steps, guidance, interval], api_name="best").then(
+            app.estimate, settings, estimate, api_name=False, **shared)
+        button.click(app.generate, [model, sampler, steps, seed, n, class_name, guidance, interval],
                      [xt, x0, final, download, status], api_name="generate", **shared)
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 

@@ -8,7 +8,8 @@
     python fid.py --train-proxy mnist                                # (re)train checkpoints/proxy_mnist.pt
 
 FID and KID (metrics.py) over the features of Inception-v3 (inception.py), or of the proxy
-network (proxy.py). --ckpt samples with generate.py's own flags and code first. Every score is printed with the
+network (proxy.py). --ckpt samples with generate.py's own flags and code first, at the plain defaults for
+the flags left out (ancestral DDPM, 50 steps, w = 0), never a model's best sampling. Every score is printed with the
 weights used, n, and the reference set: FID-10k against the test split is another number than
 FID-50k against the training split.
 

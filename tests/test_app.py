@@ -13,6 +13,7 @@ from PIL import Image
 
 import app
 from plumbing import sampling
+from samplers import t_to_sigma
 from conftest import free_port, make_checkpoint
 
 T = 20          # the tiny checkpoints' timesteps
@@ -106,8 +107,51 @@ def test_server_side_checks_refuse_what_the_sliders_would(server, args, message)
 def test_estimate_and_model_switch(server):
     _, client = server
     assert "Estimated time" in client.predict("cond_ema", "DDIM", 10, 16, "one", 2.0, api_name="/estimate")
-    about, steps, classes, _ = client.predict("cond_ema", 15, api_name="/model_info")
+    about, sampler, steps, w, interval, classes = client.predict("cond_ema", api_name="/model_info")   # no button
     assert "3 classes" in about and "T = 20" in about
+    shown = tuple(update["value"] for update in (sampler, steps, w, interval))            # gr.update()s
+    assert shown == (app.SHOWN_DEFAULT, T, app.DEFAULT_GUIDANCE, False)                   # no best: plain
+
+
+def test_a_model_s_best_sampling_is_one_click_away_and_guides_only_in_its_interval(tmp_path, monkeypatch):
+    """A CIFAR-10 model (BEST_SAMPLING) opens on the plain defaults (16 guided images overran the demo's
+    10 s on 2 cores); its button sets EDM, w = 2 in 0.28 < σ ≤ 5.42, and the estimate and the run count a
+    guided call (batch 2n) only where σ is in the band. A model without one has no button, no box."""
+    make_checkpoint(tmp_path / "c_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=10, dataset="cifar10")
+    make_checkpoint(tmp_path / "m_ema.pt", timesteps=T, image_size=SIZE, num_classes=10, dataset="mnist")
+    infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
+    demo_app = app.App(infos, "cpu")
+    best = sampling.BEST_SAMPLING["cifar10"]
+    plain = (app.SHOWN_DEFAULT, T, app.DEFAULT_GUIDANCE, False)
+    assert demo_app.page_defaults(infos["c_ema"]) == plain
+    assert demo_app.page_defaults(infos["c_ema"], best=True) == ("EDM", min(best["steps"], T), best["guidance"], True)
+    assert demo_app.page_defaults(infos["m_ema"], best=True) == plain
+    about, sampler, _, w, interval, _, button = demo_app.on_model_change("c_ema")
+    assert (sampler["value"], w["value"], interval["value"], interval["visible"], button["visible"]) == \
+        (app.SHOWN_DEFAULT, 0.0, False, True, True)
+    assert "0.28 < σ ≤ 5.42" in interval["label"] and sampling.best_sampling_flags(best) in about
+    sampler, steps, w, interval = demo_app.on_best("c_ema")
+    assert (sampler["value"], steps["value"], w["value"], interval["value"]) == ("EDM", T, 2.0, True)
+    *_, interval, _, button = demo_app.on_model_change("m_ema")
+    assert not interval["visible"] and not button["visible"]
+
+    diffusion = demo_app.models.get(infos["c_ema"]["path"], demo_app.device)
+    ts = diffusion.sampling_timesteps("edm", T, churn=best["churn"])
+    sigmas = [float(t_to_sigma(diffusion.sigma_table, t)) for t in ts]
+    in_band = sum(0.28 < s <= 5.42 for s in sigmas)
+    assert 0 < in_band < len(ts)                                 # the band cuts this chain: the test can tell
+    guidance = demo_app.check_inputs("c_ema", "EDM", T, 0, 4, app.ALL_CLASSES, 2.0, True)[-1]
+    assert demo_app.guided_calls(infos["c_ema"], "EDM", T, guidance) == in_band
+    unbanded = demo_app.check_inputs("c_ema", "EDM", T, 0, 4, app.ALL_CLASSES, 2.0, False)[-1]
+    assert demo_app.guided_calls(infos["c_ema"], "EDM", T, unbanded) == T        # w at every call
+
+    monkeypatch.setattr(demo_app, "seconds_per_call", lambda info, batch: 0.01 * batch)
+    assert math.isclose(demo_app.estimate_seconds(infos["c_ema"], T, 4, in_band)[0],
+                        ((T - in_band) * 0.04 + in_band * 0.08) * app.FIRST_ESTIMATE)
+    status = list(demo_app.generate("c_ema", "EDM", T, 0, 4, app.ALL_CLASSES, 2.0, True))[-1][-1]
+    assert f"{in_band} of them guided" in status and status.startswith("Done")
+    with pytest.raises(gr.Error, match="no measured guidance interval"):
+        demo_app.check_inputs("m_ema", "DDPM", 10, 0, 4, app.ALL_CLASSES, 2.0, True)
 
 
 def test_demo_opens_on_the_fastest_model_and_shows_each_estimate(tmp_path, monkeypatch):
@@ -152,7 +196,7 @@ def test_the_estimate_times_the_network_as_sampling_runs_it(tmp_path, monkeypatc
         call()
         return 0.5
     monkeypatch.setattr(sampling, "time_call", time_call)
-    assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 2.0) == (10 * 0.5 * app.FIRST_ESTIMATE, 8)
+    assert demo_app.estimate_seconds(infos["m_ema"], 10, 4, 10) == (10 * 0.5 * app.FIRST_ESTIMATE, 8)
     assert seen == [(True, 8)]              # one call, in bf16, at batch 2n for guidance
 
 

@@ -238,6 +238,39 @@ def test_new_samplers_run_from_the_command_line_with_their_call_count(tiny_check
     assert f"sampler={sampler}, steps={steps}" in capsys.readouterr().out
 
 
+def test_no_sampling_flag_takes_the_model_s_best_sampling_any_flag_the_plain_defaults(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """A CIFAR-10 model trained with label dropout (BEST_SAMPLING) samples EDM + interval guidance when no
+    sampling flag is given, in generate.py and generate_cifar.py; one flag gives the plain defaults for
+    the rest; fid.py keeps the plain defaults; a model without an entry samples as ever."""
+    cifar = tiny_checkpoint("c_ema.pt", num_classes=10, channels=3, dataset="cifar10")
+    best = sampling.BEST_SAMPLING["cifar10"]
+    run(cifar, tmp_path, "--n", "2", "--batch-size", "2")
+    out = capsys.readouterr().out
+    assert "best measured sampling" in out and sampling.best_sampling_flags(best) in out
+    with np.load(tmp_path / "run.npz") as d:
+        assert (str(d["sampler"]), int(d["steps"]), float(d["guidance"])) == ("edm", 20, 2.0)   # 50 capped at T
+        assert str(d["guidance_tag"]) == "_w2_s0.28-5.42"
+    assert "churn=5.0" in out
+    run(cifar, tmp_path, "--n", "2", "--guidance", "1")          # a flag: the plain defaults for the others
+    with np.load(tmp_path / "run.npz") as d:
+        assert (str(d["sampler"]), str(d["guidance_tag"])) == ("ddpm", "_w1")
+    assert "best measured sampling" not in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    generate_cifar.main(["--ckpt", str(cifar), "--n", "10", "--device", "cpu"])
+    assert (tmp_path / "samples" / "cifar10_grid_edm20_w2_s0.28-5.42.png").exists()
+    import fid
+    monkeypatch.setattr(fid, "_main", lambda args, parser: args)
+    args = fid.main(["--ckpt", str(cifar)])
+    assert args.best_sampling is False and args.sampler is None        # fill_sampling: the plain defaults
+    sampling.fill_sampling(args, torch.load(cifar, weights_only=True)["config"])
+    assert (args.sampler, args.guidance, args.guidance_interval) == ("ddpm", 0.0, None)
+    for config in ({"dataset": "mnist", "model": {"num_classes": 10}, "diffusion": {"cond_drop_prob": 0.1}},
+                   {"dataset": "cifar10", "model": {"num_classes": None}, "diffusion": {}},     # nothing to guide
+                   {"dataset": "cifar10", "model": {"num_classes": 10}, "diffusion": {"cond_drop_prob": 0.0}}):
+        assert sampling.best_sampling(config) is None
+
+
 def test_churn_is_only_for_edm(tiny_checkpoint):
     msg = refusal(["--ckpt", str(tiny_checkpoint()), "--sampler", "ddim", "--churn", "10"])
     assert "--churn" in msg and "edm" in msg
