@@ -271,10 +271,20 @@ class App:
             self.call_seconds[key] = sampling_seconds(diffusion, batch, n=batch, calls=1)
         return self.call_seconds[key]
 
+    @staticmethod
+    def call_batches(calls, n, guided):
+        """[(how many calls, at what batch)] of a run: calls − guided at batch n, `guided` at 2n."""
+        return [(k, batch) for k, batch in ((calls - guided, n), (guided, 2 * n)) if k]
+
     def calls_seconds(self, info, calls, n, guided):
         """The network calls' seconds alone: calls − guided at batch n, `guided` at batch 2n (guidance runs
         the net on (y, ∅) together), each batch size timed on this device."""
-        return sum(k * self.seconds_per_call(info, batch) for k, batch in ((calls - guided, n), (guided, 2 * n)) if k)
+        return sum(k * self.seconds_per_call(info, batch) for k, batch in self.call_batches(calls, n, guided))
+
+    def timed(self, info, calls, n, guided):
+        """Whether every batch size this run needs has been timed on this device."""
+        return all((info["path"], str(self.device), batch) in self.call_seconds
+                   for _, batch in self.call_batches(calls, n, guided))
 
     def estimate_seconds(self, info, calls, n, guided):
         """Seconds for a whole run of `calls` network calls, `guided` of them guided (guided_calls): the
@@ -287,8 +297,7 @@ class App:
     def calibrate(self, info, calls, n, guided, seconds):
         """After a real run: remember how its time compared with the network calls' alone (either way:
         the next estimate of the same settings is this run's time)."""
-        needed = [batch for k, batch in ((calls - guided, n), (guided, 2 * n)) if k]
-        if needed and all((info["path"], str(self.device), batch) in self.call_seconds for batch in needed):
+        if calls and self.timed(info, calls, n, guided):
             self.calibration[info["path"]] = seconds / self.calls_seconds(info, calls, n, guided)
 
     def estimate(self, name, sampler, steps, n, class_name, guidance, interval=False):
@@ -380,8 +389,7 @@ class App:
         if labels is not None:
             labels = labels.to(self.device)
         generator = torch.Generator("cpu").manual_seed(seed)    # same images on every device
-        timed = all((info["path"], str(self.device), batch) in self.call_seconds
-                    for k, batch in ((total - guided, n), (guided, 2 * n)) if k)
+        timed = self.timed(info, total, n, guided)
         predicted = self.estimate_seconds(info, total, n, guided)[0] if timed else None    # what the page said
         start = self.clock()
         x, preview, frames = None, 0.0, 0     # seconds of live frames (drawing them, the page's handling of each)
