@@ -43,7 +43,8 @@ from plumbing.checkpoint import ema_weights, make_config, save_run, seen_in_all
 from plumbing.files import CheckpointError, RunLock, check_writable, load_checkpoint
 from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reached, images_until_pflop, learning_rate,
                              probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
-from plumbing.device import autocast, bf16_fast, cuda_fast_settings, rank_max, rng_state, set_rng_state, setup_distributed
+from plumbing.device import (autocast, bf16_fast, cuda_fast_settings, leave_distributed, rank_max, rng_state,
+                             set_rng_state, setup_distributed)
 from diffusion import GaussianDiffusion
 from ema import EMA, warmup_reaches
 from plumbing.runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
@@ -528,60 +529,68 @@ def reserve_seconds(run, clock):
 
 def train(defaults, argv=None, presets=None, description=None):
     """`python train_<dataset>.py`: the flags over the script's defaults (and `presets`: {name: (values,
-    help)}), then one sitting of the run: set-up (build_run), the loop of train_step (DDPM Algorithm 1)
-    and periodic_jobs, the end (finish). The run's lock (files.RunLock) is held from the first check on."""
+    help)}), then one sitting of the run (sitting). The run's lock (files.RunLock) is held from the first
+    check on; under torchrun the ranks leave together (device.leave_distributed)."""
     args, explicit = parse_args(defaults, argv, presets, description)
     clock = SittingClock(args.max_minutes)                      # --max-minutes counts from here
     lock = RunLock(Path(args.ckpt_dir) / f"{args.run_name}.pt")
+    ended = False
     try:
         device, rank, world = setup_distributed(args)
-        say = print if rank == 0 else (lambda *a, **k: None)
-        say_all = tqdm.write if rank == 0 else (lambda *a: None)
-        run = build_run(args, explicit, device, rank, world, say, lock)
-        if not start_sitting(run, say, cpu_recipe_note(args, presets, argv)):
-            return
-        t_loop, train_seconds_before, progress_before = time.time(), run.train_seconds, run.progress
-        meter = {"t": t_loop, "n": 0, "first_step": run.step}
-        # The run's progress drives --lr-schedule. Every rank uses the largest clocks of all ranks, so
-        # that they all take the same step.
-        time_used, train_seconds = rank_max([clock.time_used(), run.train_seconds], device, world)
-        reason = None
-        with StopOnSignal(run) as stop, clock.bar(last_step(run), run.step, args.run_name, not run.master) as pbar:
-            while reason is None:
-                x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
-                if device.type == "cuda":
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                if run.step + 1 in args.debug_nan_steps:
-                    x0 = x0 * float("nan")                                          # test hook: a non-finite step
-                run.progress = progress_now(args, run.step, run.train_flops, train_seconds, progress_before, time_used)
-                lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
-                train_step(run, x0, y, lr)                                          # DDPM Algorithm 1
-                if not run.sync_free:
-                    run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
-                run.train_seconds = train_seconds_before + time.time() - t_loop
-                if run.master:                                  # the live step, every step
-                    pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
-                clock.advance(pbar, run.step)
-                meter["n"] += 1
-                finished = budget_reached(args, run.step, run.train_flops, train_seconds)   # the end saves and draws
-                periodic_jobs(run, meter, lr, finished, say_all)
-                # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
-                stopping, time_used, train_seconds = rank_max(
-                    [clock.left() <= reserve_seconds(run, clock) or stop.signal is not None, clock.time_used(),
-                     run.train_seconds], device, world)
-                if stopping:
-                    reason = stop.signal or f"--max-minutes {args.max_minutes} used up"
-                elif run.step == args.debug_stop_step:
-                    reason = "--debug-stop-step"                                      # test hook: end a sitting
-                else:
-                    reason = finished
-        finish(run, clock, reason, say, interrupted=stop.signal is not None)
-        if stop.signal:             # saved; the shell's status for a stop by signal: 130 Ctrl-C, 143 kill
-            raise SystemExit(128 + signal.Signals[stop.signal])
+        stop_signal = sitting(args, explicit, clock, lock, device, rank, world, cpu_recipe_note(args, presets, argv))
+        ended = True
     finally:
         lock.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed(all_ended=ended)
+    if stop_signal:                 # saved; the shell's status for a stop by signal: 130 Ctrl-C, 143 kill
+        raise SystemExit(128 + signal.Signals[stop_signal])
+
+
+def sitting(args, explicit, clock, lock, device, rank, world, recipe_note):
+    """One sitting: set-up (build_run), the loop of train_step (DDPM Algorithm 1) and periodic_jobs, the
+    end (finish). -> the name of the signal that stopped it, or None."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say_all = tqdm.write if rank == 0 else (lambda *a: None)
+    run = build_run(args, explicit, device, rank, world, say, lock)
+    if not start_sitting(run, say, recipe_note):
+        return None
+    t_loop, train_seconds_before, progress_before = time.time(), run.train_seconds, run.progress
+    meter = {"t": t_loop, "n": 0, "first_step": run.step}
+    # The run's progress drives --lr-schedule. Every rank uses the largest clocks of all ranks, so
+    # that they all take the same step.
+    time_used, train_seconds = rank_max([clock.time_used(), run.train_seconds], device, world)
+    reason = None
+    with StopOnSignal(run) as stop, clock.bar(last_step(run), run.step, args.run_name, not run.master) as pbar:
+        while reason is None:
+            x0, y = next(run.batches)                                           # (B/W, C, H, W) in [−1, 1]
+            if device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            if run.step + 1 in args.debug_nan_steps:
+                x0 = x0 * float("nan")                                          # test hook: a non-finite step
+            run.progress = progress_now(args, run.step, run.train_flops, train_seconds, progress_before, time_used)
+            lr = learning_rate(args, run.step, run.progress)                    # warmup, then --lr-schedule
+            train_step(run, x0, y, lr)                                          # DDPM Algorithm 1
+            if not run.sync_free:
+                run.read_nans(say_all)                     # free without a GPU: report NaN steps at once
+            run.train_seconds = train_seconds_before + time.time() - t_loop
+            if run.master:                                  # the live step, every step
+                pbar.set_postfix(step=run.step, pflop=f"{run.train_flops / 1e15:.3g}", **run.postfix, refresh=False)
+            clock.advance(pbar, run.step)
+            meter["n"] += 1
+            finished = budget_reached(args, run.step, run.train_flops, train_seconds)   # the end saves and draws
+            periodic_jobs(run, meter, lr, finished, say_all)
+            # Stop early enough that saving and the end-of-run grid still fit in --max-minutes.
+            stopping, time_used, train_seconds = rank_max(
+                [clock.left() <= reserve_seconds(run, clock) or stop.signal is not None, clock.time_used(),
+                 run.train_seconds], device, world)
+            if stopping:
+                reason = stop.signal or f"--max-minutes {args.max_minutes} used up"
+            elif run.step == args.debug_stop_step:
+                reason = "--debug-stop-step"                                      # test hook: end a sitting
+            else:
+                reason = finished
+    finish(run, clock, reason, say, interrupted=stop.signal is not None)
+    return stop.signal
 
 
 def cpu_recipe_note(args, presets, argv):

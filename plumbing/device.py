@@ -10,6 +10,7 @@ What each device does differently (docs/devices.md has the table, and what has r
     DDP         NCCL on CUDA, gloo on the CPU; PyTorch has no DDP backend for MPS
 """
 
+import gc
 import os
 import time
 
@@ -82,6 +83,20 @@ def setup_distributed(args):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), rank, world
     return torch.device("cpu"), rank, world
+
+
+def leave_distributed(all_ended):
+    """The end of a DDP process: with all_ended (this rank's sitting ended without an error, so every rank
+    reaches here) the ranks first wait for each other, so that none tears its connections down while
+    rank 0 still saves. Then a garbage collection: the DDP wrapper holds the process group, and reference
+    cycles inside libraries can keep the finished sitting's frames, and so the wrapper, alive until the
+    interpreter's exit, where gloo's threads can abort the process. Then the group goes. No-op without DDP."""
+    if not dist.is_initialized():
+        return
+    if all_ended:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def rank_max(values, device, world):

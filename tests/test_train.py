@@ -159,6 +159,50 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_once(data_dir,
     tensors_equal(ckpt["model"], r0["model"], "saved vs rank0")
 
 
+# Run under torchrun: a sitting with the garbage collector off (so that the library reference cycles that
+# keep a finished sitting's frames alive stay), and at the moment the process group is destroyed, the
+# count of DDP wrappers still alive and whether the peer had left already (1 s late on rank 1).
+_LEAVE_PROBE = """
+import gc, os, sys, time
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import trainer, train_mnist
+rank = int(os.environ["RANK"])
+finish, destroy = trainer.finish, dist.destroy_process_group
+def late_finish(run, *args, **kwargs):
+    finish(run, *args, **kwargs)
+    if rank == 1:
+        time.sleep(1.0)
+def probed_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {rank}: {alive} DDP alive, left at {time.time():.3f}", flush=True)
+    destroy(*args, **kwargs)
+trainer.finish, dist.destroy_process_group = late_finish, probed_destroy
+gc.disable()
+train_mnist.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow                                   # two processes that each start up and load MNIST
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_ranks_leave_together_with_the_ddp_wrapper_freed_first(data_dir, tmp_path):
+    """The end of a DDP run (device.leave_distributed): no rank tears the process group down while the
+    other is still in its sitting, nor with the DDP wrapper (which holds the group) still alive, which
+    would leave it to the interpreter's exit, where gloo's threads can abort the process (a CI run
+    ended in SIGABRT after both ranks had finished)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_LEAVE_PROBE)
+    cmd = ["torchrun", "--nproc_per_node=2", "--standalone", str(probe), *TINY, "--steps", "2",
+           "--ckpt-dir", str(tmp_path / "ckpt"), "--sample-dir", str(tmp_path / "samples"),
+           "--log-dir", str(tmp_path / "runs")]
+    env = {**os.environ, "DDPM_DATA": str(data_dir), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    left = dict(re.findall(r"rank (\d): 0 DDP alive, left at ([\d.]+)", result.stdout))
+    assert sorted(left) == ["0", "1"], result.stdout[-2000:]
+    assert abs(float(left["0"]) - float(left["1"])) < 0.5                  # rank 0 waited for rank 1
+
+
 @pytest.mark.slow                                   # a run, then two processes that each start up and load MNIST
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_torchrun_from_init_from_draws_its_own_noise_on_each_rank(data_dir, tmp_path):
