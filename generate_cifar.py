@@ -11,8 +11,8 @@
 Conditional model: one row per class, the class name at the left of its row; the images are
 drawn with the classes in turn, so 50,000 of them hold 5,000 per class. Unconditional model: a
 plain 10×10 grid. With no sampling flag the CIFAR-10 model samples its best measured way, as in
-generate.py: EDM's stochastic Heun, 50 calls, churn 5, w = 2 only where 0.28 < σ ≤ 5.42 (66 calls
-per image; FID-10k 17.6 for the shipped model against 28.4 unguided). Any sampling flag gives
+generate.py: EDM's Heun, 50 calls, churn 0, w = 3 only where 0.28 < σ ≤ 5.42 (66 calls per
+image; FID-10k 17.1 for the shipped model against 28.4 unguided). Any sampling flag gives
 generate.py's plain defaults for the rest: ancestral DDPM on 50 of the T steps, w = 0; --steps 1000
 alone is the paper's Algorithm 2 (FID 3.17 in Ho et al. Table 1). Without --ckpt it samples
 checkpoints/cifar10_ema.pt, or on a fresh clone the shipped pretrained/cifar10.pt. All other flags

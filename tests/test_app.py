@@ -115,7 +115,7 @@ def test_estimate_and_model_switch(server):
 
 def test_a_model_s_best_sampling_is_one_click_away_and_guides_only_in_its_interval(tmp_path, monkeypatch):
     """A CIFAR-10 model (BEST_SAMPLING) opens on the plain defaults (16 guided images overran the demo's
-    10 s on 2 cores); its button sets EDM, w = 2 in 0.28 < σ ≤ 5.42, and the estimate and the run count a
+    10 s on 2 cores); its button sets EDM, its w in 0.28 < σ ≤ 5.42, and the estimate and the run count a
     guided call (batch 2n) only where σ is in the band. A model without one has no button, no box."""
     make_checkpoint(tmp_path / "c_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=10, dataset="cifar10")
     make_checkpoint(tmp_path / "m_ema.pt", timesteps=T, image_size=SIZE, num_classes=10, dataset="mnist")
@@ -131,7 +131,7 @@ def test_a_model_s_best_sampling_is_one_click_away_and_guides_only_in_its_interv
         (app.SHOWN_DEFAULT, 0.0, False, True, True)
     assert "0.28 < σ ≤ 5.42" in interval["label"] and sampling.best_sampling_flags(best) in about
     sampler, steps, w, interval = demo_app.on_best("c_ema")
-    assert (sampler["value"], steps["value"], w["value"], interval["value"]) == ("EDM", T, 2.0, True)
+    assert (sampler["value"], steps["value"], w["value"], interval["value"]) == ("EDM", T, best["guidance"], True)
     *_, interval, _, button = demo_app.on_model_change("m_ema")
     assert not interval["visible"] and not button["visible"]
 

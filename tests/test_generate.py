@@ -248,17 +248,18 @@ def test_no_sampling_flag_takes_the_model_s_best_sampling_any_flag_the_plain_def
     run(cifar, tmp_path, "--n", "2", "--batch-size", "2")
     out = capsys.readouterr().out
     assert "best measured sampling" in out and sampling.best_sampling_flags(best) in out
+    tag = "_w{:g}_s{:g}-{:g}".format(best["guidance"], *best["guidance_interval"])   # e.g. _w3_s0.28-5.42
     with np.load(tmp_path / "run.npz") as d:
-        assert (str(d["sampler"]), int(d["steps"]), float(d["guidance"])) == ("edm", 20, 2.0)   # 50 capped at T
-        assert str(d["guidance_tag"]) == "_w2_s0.28-5.42"
-    assert "churn=5.0" in out
+        assert (str(d["sampler"]), int(d["steps"]), float(d["guidance"])) == ("edm", 20, best["guidance"])  # 50 capped at T
+        assert str(d["guidance_tag"]) == tag
+    assert f"churn={best['churn']}" in out
     run(cifar, tmp_path, "--n", "2", "--guidance", "1")          # a flag: the plain defaults for the others
     with np.load(tmp_path / "run.npz") as d:
         assert (str(d["sampler"]), str(d["guidance_tag"])) == ("ddpm", "_w1")
     assert "best measured sampling" not in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
     generate_cifar.main(["--ckpt", str(cifar), "--n", "10", "--device", "cpu"])
-    assert (tmp_path / "samples" / "cifar10_grid_edm20_w2_s0.28-5.42.png").exists()
+    assert (tmp_path / "samples" / f"cifar10_grid_edm20{tag}.png").exists()
     import fid
     monkeypatch.setattr(fid, "_main", lambda args, parser: args)
     args = fid.main(["--ckpt", str(cifar)])
