@@ -53,8 +53,8 @@ def load_samples(path):
         raise FileNotFoundError(f"samples {path} do not exist; write them with generate.py --npz or --out")
     images, _, _ = load_npz(path)
     with np.load(path, allow_pickle=False) as d:
-        meta = {k: d[k].item() for k in ("sampler", "steps", "dataset", "ckpt", "guidance", "guidance_tag")
-                if k in d.files and d[k].ndim == 0}
+        meta = {k: d[k].item() for k in ("sampler", "steps", "churn", "calls", "dataset", "ckpt", "guidance",
+                                         "guidance_tag") if k in d.files and d[k].ndim == 0}
     return images, meta
 
 
@@ -139,8 +139,8 @@ def images_to_score(args, parser):
     to compare against, what is known of how they were sampled)."""
     if args.ckpt:
         images, _, resolved, config, _ = sample_from_args(args)
-        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "sample_seconds": resolved["seconds"],
-                "calls": resolved["calls"], "guidance_tag": guidance_tag(resolved)}
+        meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "churn": resolved["churn"],
+                "sample_seconds": resolved["seconds"], "calls": resolved["calls"], "guidance_tag": guidance_tag(resolved)}
         return torch.from_numpy(images).permute(0, 3, 1, 2), args.dataset or config["dataset"], meta
     try:
         images, meta = load_sample_sets(args.samples)
@@ -189,6 +189,7 @@ def _main(args, parser):
     n_ref = int(ref["n"])
     where = (f"n={n} vs {dataset_slug(dataset)} {args.split} ({n_ref} images), sampler={meta.get('sampler', 'unknown')}, "
              f"steps={meta.get('steps', 'unknown')}"
+             + (f", churn {meta['churn']:g}" if meta.get("churn") not in (None, "") else "")
              + (f", guidance {meta['guidance_tag'].lstrip('_')}" if meta.get("guidance_tag") else "")
              + (f", {meta['calls']} calls" if meta.get("calls") else ""))
     kid_label = "proxy KID (not comparable with papers)" if args.proxy else "KID"
@@ -200,7 +201,8 @@ def _main(args, parser):
         print(f"class coverage (normalized entropy, 1.0 = even): {fmt(s['coverage'])}   [{where}]")
     result = {("proxy_fid" if args.proxy else "fid"): s["fd"], ("proxy_kid" if args.proxy else "kid"): s["kid"],
               "kid_std": s["kid_std"], "confident": s["confident"], "coverage": s["coverage"], "n": n,
-              "sampler": meta.get("sampler"), "steps": meta.get("steps"), "dataset": dataset, "split": args.split,
+              "sampler": meta.get("sampler"), "steps": meta.get("steps"),
+              "churn": meta.get("churn") if meta.get("churn") != "" else None, "dataset": dataset, "split": args.split,
               "n_ref": n_ref, "features": extractor.description, "label": label, "seconds": seconds,
               "sample_seconds": meta.get("sample_seconds"), "guidance": meta.get("guidance_tag") or None,
               "calls": meta.get("calls")}

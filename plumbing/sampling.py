@@ -435,8 +435,8 @@ def write_outputs(args, images, labels, resolved, config, trajectory=None, grid=
     if args.npz:
         extra = {"labels": labels.numpy()} if labels is not None else {}      # unconditional: no labels key
         save_npz(images, args.npz, **extra, dataset=dataset, sampler=args.sampler, steps=steps, eta=args.eta,
-                 guidance=args.guidance, guidance_tag=guidance_tag(resolved), seed=args.seed,
-                 ckpt=os.path.basename(args.ckpt))
+                 churn=resolved["churn"], calls=resolved["calls"], guidance=args.guidance,
+                 guidance_tag=guidance_tag(resolved), seed=args.seed, ckpt=os.path.basename(args.ckpt))
         print(f"wrote {args.npz}: images {images.shape} uint8")
     if args.gif:
         save_gif(trajectory, args.gif, ncol)

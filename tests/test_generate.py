@@ -170,7 +170,8 @@ def test_writes_grid_pngs_npz_and_gif(tiny_checkpoint, tmp_path):
     with np.load(npz, allow_pickle=False) as d:
         images = d["images"]
         assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
-        assert d["sampler"] == "ddim" and int(d["steps"]) == 6
+        assert d["sampler"] == "ddim" and int(d["steps"]) == 6 and int(d["calls"]) == 6
+        assert d["churn"] == ""                                         # churn is EDM's only
         assert "labels" not in d.files                                  # unconditional: no labels key
     loaded, labels, _ = data.load_npz(npz)                              # what fid.py --samples reads
     assert labels is None and torch.equal(loaded, torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -179,6 +180,19 @@ def test_writes_grid_pngs_npz_and_gif(tiny_checkpoint, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "00003.png")), images[3, ..., 0])
     with Image.open(gif) as g:
         assert g.n_frames == 6                                          # one frame per DDIM step here
+
+
+def test_npz_records_edm_churn_and_calls_for_fid(tiny_checkpoint, tmp_path):
+    # two EDM runs that differ only in churn must be told apart by what fid.py reads from their .npz
+    import fid
+    ckpt = tiny_checkpoint()
+    for churn in ("0", "7"):
+        generate.main(["--ckpt", str(ckpt), "--n", "2", "--sampler", "edm", "--steps", "6", "--churn", churn,
+                       "--npz", str(tmp_path / f"c{churn}.npz"), "--no-grid", "--device", "cpu"])
+    meta = {churn: fid.load_samples(tmp_path / f"c{churn}.npz")[1] for churn in ("0", "7")}
+    assert meta["0"]["churn"] == 0.0 and meta["7"]["churn"] == 7.0
+    assert meta["0"]["calls"] == meta["7"]["calls"] == 6                 # --steps counts calls for edm
+    assert fid.load_sample_sets([tmp_path / "c0.npz", tmp_path / "c7.npz"])[1].get("churn") is None
 
 
 def test_default_grid_path_is_under_samples(tiny_checkpoint, tmp_path, monkeypatch):
