@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from plumbing import data
@@ -44,7 +43,7 @@ from plumbing.files import CheckpointError, RunLock, check_writable, load_checkp
 from plumbing.budget import (CALLS_PER_TRAINING_IMAGE, SittingClock, budget_reached, images_until_pflop, learning_rate,
                              probe_inputs, progress_now, project, seconds_per_training_image, training_flops)
 from plumbing.device import (autocast, bf16_fast, cuda_fast_settings, leave_distributed, rank_max, rng_state,
-                             set_rng_state, setup_distributed)
+                             set_rng_state, setup_distributed, wrap_ddp)
 from diffusion import GaussianDiffusion
 from ema import EMA, warmup_reaches
 from plumbing.runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
@@ -303,7 +302,7 @@ def build_run(args, explicit, device, rank, world, say, lock):
     if args.compile:
         train_model = torch.compile(model)              # `model` (uncompiled) is what gets saved
     if world > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = wrap_ddp(train_model, device)
     run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path, ema_extra)
     if ckpt is not None:
         restore(run, ckpt, say)

@@ -13,9 +13,11 @@ What each device does differently (docs/devices.md has the table, and what has r
 import gc
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 DEVICE_HELP = "auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1 or mps"   # every --device
@@ -83,6 +85,18 @@ def setup_distributed(args):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), rank, world
     return torch.device("cpu"), rank, world
+
+
+
+def wrap_ddp(model, device):
+    """model in DistributedDataParallel: its gradients all-reduced (averaged) over the ranks at each
+    backward. On the CPU, a 1×1 convolution's weight gradient comes back with other strides than its
+    weight's ([o, i, 1, 1] as (i, 1, i, i) against (i, 1, 1, 1)), and DDP warns once a process that
+    this "may impair performance". For a 1×1 kernel both strides put the same numbers in the same
+    order, so the warning says nothing there and is silenced, on the CPU only."""
+    if device.type == "cpu":
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def leave_distributed(all_ended):
