@@ -111,3 +111,27 @@ def test_each_way_of_sampling_at_the_larger_n_is_its_own_series(tmp_path, monkey
     assert points["model, FID-10000 (ddpm, 50 calls)"] == ([5.0], [28.4])
     assert points["model, FID-10000 (ddpm, 100 calls, w = 1)"] == ([5.0], [21.0])
     assert points["model, FID-10000 (ddpm, 85 calls, w = 2 for 0.28 < σ ≤ 5.42)"] == ([5.0], [19.0])
+
+
+def test_no_campaign_and_no_way_of_sampling_is_dropped_past_the_styles_at_hand(tmp_path, monkeypatch):
+    # six campaigns and five ways of sampling at the larger n: more than there are line styles and
+    # markers, each still drawn (the styles come round again)
+    import matplotlib.figure
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
+    record = tmp_path / "many_campaign.csv"
+    fields = ["campaign", "sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "target", "guidance"]
+    rows = [[f"campaign {c}", 1, 100, 6400, float(c), 1.0, 60.0 - c, 0.04, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", ""]
+            for c in range(1, 7)]
+    rows += [["campaign 1", 1, 100, 6400, 1.0, 1.0, 30.0 - w, 0.02, 0.001, 10000, 5.13, "", "ddpm", 50, "", f"w = {w}"]
+             for w in range(1, 6)]
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    plot_campaign.plot(record)
+    points = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in drawn[-1].axes[0].lines}
+    for c in range(1, 7):
+        assert points[f"campaign {c}, FID-2000 (ddpm, 50 calls)"] == ([float(c)], [60.0 - c])
+    for w in range(1, 6):
+        assert points[f"model, FID-10000 (ddpm, 50 calls, w = {w})"] == ([1.0], [30.0 - w])

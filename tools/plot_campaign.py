@@ -19,7 +19,11 @@ axis is left out: they ran on different machines, so their hours do not compare;
 
 import argparse
 import csv
+from itertools import cycle
 from pathlib import Path
+
+CURVES = ("o-", "^-", "v-", "P-", "s-", "d-", "<-", ">-")    # one a campaign, again from the first past the last
+POINTS = "D*XphH8d"                                          # one a way of sampling at the larger n
 
 
 def read(path):
@@ -74,7 +78,7 @@ def plot(path, out=None):
     scored = groups.pop(everything[0]["n"])           # the sittings' scores; the axes follow them
     campaigns = by_campaign(scored)
     fig, ax = plt.subplots(figsize=(9.5, 4))
-    for (name, rows), style in zip(campaigns.items(), ("o-", "^-", "v-", "P-")):
+    for (name, rows), style in zip(campaigns.items(), cycle(CURVES)):
         pflop, fid = [float(r["pflop"]) for r in rows], [float(r["fid"]) for r in rows]
         ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} ({sampling_words(rows[0])})")
         floor_n = rows[0].get("floor_n")
@@ -88,7 +92,8 @@ def plot(path, out=None):
         ways = {}                                     # a series for each way of sampling
         for r in other:
             ways.setdefault(sampling_words(r), []).append(r)
-        for (words, these), marker, offset in zip(ways.items(), "D*Xp", ((-30, -3), (8, -3), (-30, -12), (8, -12))):
+        offsets = cycle(((-30, -3), (8, -3), (-30, -12), (8, -12)))
+        for (words, these), marker, offset in zip(ways.items(), cycle(POINTS), offsets):
             xs, ys = [float(r["pflop"]) for r in these], [float(r["fid"]) for r in these]
             ax.plot(xs, ys, marker, color="black", ms=9 if marker == "*" else 6, label=f"model, FID-{n} ({words})")
             label_points(ax, xs, ys, offset, color="black")
