@@ -5,12 +5,23 @@ import csv
 import importlib.util
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("plot_campaign", ROOT / "tools" / "plot_campaign.py")
 plot_campaign = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot_campaign)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plot_campaign saves, in order, each still open to read its lines from."""
+    import matplotlib.figure
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    return figures
 
 
 def test_top_axis_puts_each_sitting_at_its_own_hours_not_at_an_average_rate():
@@ -56,11 +67,7 @@ def test_the_end_scored_at_a_larger_n_is_its_own_series(tmp_path):
     assert plot_campaign.plot(record).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_each_campaign_is_its_own_curve_on_one_pflop_axis_without_an_hours_axis(tmp_path, monkeypatch):
-    import matplotlib.figure
-    drawn = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
+def test_each_campaign_is_its_own_curve_on_one_pflop_axis_without_an_hours_axis(tmp_path, drawn):
     record = tmp_path / "two_campaign.csv"
     fields = ["campaign", "sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
               "floor_kid", "sampler", "calls", "target"]
@@ -88,13 +95,9 @@ def test_each_campaign_is_its_own_curve_on_one_pflop_axis_without_an_hours_axis(
     assert drawn[-1].axes[0].child_axes
 
 
-def test_each_way_of_sampling_at_the_larger_n_is_its_own_series(tmp_path, monkeypatch):
+def test_each_way_of_sampling_at_the_larger_n_is_its_own_series(tmp_path, drawn):
     # FID-10k of one model sampled three ways (unguided, w = 1, w = 2 in an interval): three
     # series at the same PFLOP, each named by its sampler, calls and guidance
-    import matplotlib.figure
-    drawn = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
     record = tmp_path / "guided_campaign.csv"
     fields = ["sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
               "floor_kid", "sampler", "calls", "target", "guidance"]
@@ -113,13 +116,9 @@ def test_each_way_of_sampling_at_the_larger_n_is_its_own_series(tmp_path, monkey
     assert points["model, FID-10000 (ddpm, 85 calls, w = 2 for 0.28 < σ ≤ 5.42)"] == ([5.0], [19.0])
 
 
-def test_no_campaign_and_no_way_of_sampling_is_dropped_past_the_styles_at_hand(tmp_path, monkeypatch):
+def test_no_campaign_and_no_way_of_sampling_is_dropped_past_the_styles_at_hand(tmp_path, drawn):
     # six campaigns and five ways of sampling at the larger n: more than there are line styles and
     # markers, each still drawn (the styles come round again)
-    import matplotlib.figure
-    drawn = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
     record = tmp_path / "many_campaign.csv"
     fields = ["campaign", "sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
               "floor_kid", "sampler", "calls", "target", "guidance"]
