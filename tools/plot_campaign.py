@@ -106,7 +106,8 @@ def plot(path, out=None):
     for floor, n in sorted(floors, key=lambda f: -float(f[0])):
         ax.axhline(float(floor), color="grey", ls="--" if n == rows[0]["n"] or n == floor_n else "-.", lw=1,
                    label=f"real vs real at n = {n}: {float(floor):.1f}")
-    for target, n in sorted({(r["target"], r["n"]) for r in everything if r.get("target")}, key=lambda tn: -float(tn[0])):
+    targets = {(r["target"], r["n"]) for r in everything if r.get("target")}
+    for target, n in sorted(targets, key=lambda t: -float(t[0])):
         ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{n}: {float(target):.1f}")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
     ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(float(r["pflop"]) for r in scored)))   # room for the labels
