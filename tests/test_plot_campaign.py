@@ -134,3 +134,22 @@ def test_no_campaign_and_no_way_of_sampling_is_dropped_past_the_styles_at_hand(t
         assert points[f"campaign {c}, FID-2000 (ddpm, 50 calls)"] == ([float(c)], [60.0 - c])
     for w in range(1, 6):
         assert points[f"model, FID-10000 (ddpm, 50 calls, w = {w})"] == ([1.0], [30.0 - w])
+
+
+def test_a_campaigns_budget_is_a_vertical_line_the_axis_reaches(tmp_path, drawn):
+    # campaign 2 is at 3 of its 10 PFLOP: its budget is drawn at 10 and the axis runs past it,
+    # though no point is beyond 5; campaign 1's budget (on one of its rows only) at 5
+    record = tmp_path / "budget_campaign.csv"
+    fields = ["campaign", "sitting", "steps", "images", "pflop", "hours", "fid", "kid", "kid_std", "n", "floor",
+              "floor_kid", "sampler", "calls", "target", "budget"]
+    rows = [["campaign 1", 1, 100, 6400, 2.0, 3.0, 60.0, 0.04, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", ""],
+            ["campaign 1", 2, 200, 12800, 5.0, 7.8, 48.8, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", 5],
+            ["campaign 2", 1, 300, 19200, 1.5, 2.1, 55.0, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", 10],
+            ["campaign 2", 2, 400, 25600, 3.0, 4.4, 49.0, 0.03, 0.001, 2000, 25.1, 0.0, "ddpm", 50, "", 10]]
+    with open(record, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    plot_campaign.plot(record)
+    ax = drawn[-1].axes[0]
+    budgets = {line.get_label(): list(line.get_xdata()) for line in ax.lines if line.get_label().startswith("budget")}
+    assert budgets == {"budget of campaign 1: 5 PFLOP": [5.0, 5.0], "budget of campaign 2: 10 PFLOP": [10.0, 10.0]}
+    assert ax.get_xlim()[1] > 10.0

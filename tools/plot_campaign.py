@@ -4,17 +4,19 @@
 
 The record has one row per sitting and score: sitting, steps, images, pflop, hours, fid, kid, n,
 floor, sampler, calls, and optionally guidance (how the samples were guided, e.g. "w = 1"; empty:
-none), floor_n (the floor's n, when it is not the samples' n: the
-faces hold out 300) with fid<floor_n> (the FID at that n, plotted too, as the one to hold against
-the floor), target (a line to reach at the row's n) and campaign (a name: each campaign's sittings
-are their own curve on the same axes, at the PFLOP the record gives; a campaign that continues
-another counts on from its total). Rows at another n than the first row's
-(CIFAR-10: FID-2k after every sitting, FID-10k at the end) are their own points, beside their
-own floor, one series for each way of sampling (sampler, calls, guidance). FID is plotted against PFLOP
-(bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor. The top axis
-follows the record's own hours, piecewise between sittings: a sitting that shared the CPU took
-more hours for its PFLOP, and its stretch of the axis shows it. With several campaigns the top
-axis is left out: they ran on different machines, so their hours do not compare; PFLOP do.
+none), floor_n (the floor's n, when it is not the samples' n: the faces hold out 300) with
+fid<floor_n> (the FID at that n, plotted too, as the one to hold against the floor), target (a
+line to reach at the row's n), budget (the PFLOP the row's campaign may spend, on any of its rows:
+a vertical line, so the plot shows how far the run has to go) and campaign (a name: each
+campaign's sittings are their own curve on the same axes, at the PFLOP the record gives; a
+campaign that continues another counts on from its total). Rows at another n than the first
+row's (CIFAR-10: FID-2k after every sitting, FID-10k at the end) are their own points, beside
+their own floor, one series for each way of sampling (sampler, calls, guidance). FID is plotted
+against PFLOP (bottom axis) with the CPU-hours on the top axis, beside the real-vs-real floor.
+The top axis follows the record's own hours, piecewise between sittings: a sitting that shared
+the CPU took more hours for its PFLOP, and its stretch of the axis shows it. With several
+campaigns the top axis is left out: they ran on different machines, so their hours do not
+compare; PFLOP do.
 """
 
 import argparse
@@ -78,9 +80,11 @@ def plot(path, out=None):
     scored = groups.pop(everything[0]["n"])           # the sittings' scores; the axes follow them
     campaigns = by_campaign(scored)
     fig, ax = plt.subplots(figsize=(9.5, 4))
+    colours = {}                                      # a campaign's curve's colour, for its budget line
     for (name, rows), style in zip(campaigns.items(), cycle(CURVES)):
         pflop, fid = [float(r["pflop"]) for r in rows], [float(r["fid"]) for r in rows]
-        ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} ({sampling_words(rows[0])})")
+        curve, = ax.plot(pflop, fid, style, label=f"{name or 'model'}, FID-{rows[0]['n']} ({sampling_words(rows[0])})")
+        colours[name] = curve.get_color()
         floor_n = rows[0].get("floor_n")
         small_too = bool(floor_n and rows[0].get(f"fid{floor_n}"))
         label_points(ax, pflop, fid, (4, -12 if small_too else 6))     # below where the floor line runs above
@@ -109,8 +113,13 @@ def plot(path, out=None):
     targets = {(r["target"], r["n"]) for r in everything if r.get("target")}
     for target, n in sorted(targets, key=lambda t: -float(t[0])):
         ax.axhline(float(target), color="tab:red", ls=":", lw=1, label=f"target for FID-{n}: {float(target):.1f}")
+    budgets = {(r["budget"], r.get("campaign") or "") for r in everything if r.get("budget")}
+    for budget, name in sorted(budgets, key=lambda b: float(b[0])):
+        ax.axvline(float(budget), color=colours.get(name, "grey"), ls=(0, (1, 3)), lw=1.2,
+                   label=f"budget of {name or 'the campaign'}: {float(budget):g} PFLOP")
     ax.set(xlabel="training compute (PFLOP)", ylabel="FID ↓", title=Path(path).stem.replace("_", " "))
-    ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * max(float(r["pflop"]) for r in scored)))   # room for the labels
+    right = max([float(r["pflop"]) for r in scored] + [float(b) for b, _ in budgets])
+    ax.set_xlim(0, max(ax.get_xlim()[1], 1.1 * right))   # room for the labels and the budgets
     ax.set_ylim(0, 1.12 * max(ax.get_ylim()[1], max(float(r["fid"]) for r in scored)))
     hours = [float(r["hours"]) for r in rows]
     if len(campaigns) == 1 and len(rows) > 1 and pflop[-1] > 0:      # one campaign: its hours on top
