@@ -6,7 +6,7 @@
 
 Pick a checkpoint, a sampler (ancestral DDPM on a 50-step respacing by default), a seed and how many images; for a
 class-conditional model also the class and the classifier-free guidance weight w. For a model with a best
-measured sampling (plumbing/sampling.py's BEST_SAMPLING; CIFAR-10: EDM's Heun, 50 calls, churn 0,
+measured sampling (plumbing/sampling.py's BEST_SAMPLING; CIFAR-10: EDM's Heun, --steps 50, churn 0,
 w = 3 only where 0.28 < σ ≤ 5.42, the "guidance interval" box), one button sets it; the page still opens on
 the plain default, whose 16 images fit the demo's 10 s on a 2-core CPU (docs/demo.md). The page shows
 x_t and the model's current guess x̂_0 side by side while the reverse chain runs (as often as those

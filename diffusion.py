@@ -317,7 +317,8 @@ class GaussianDiffusion(nn.Module):
             DEFAULT_STEPS calls); churn, s_tmin, s_tmax as given to reverse_steps.
         cap_steps: steps above T are taken as T, for a default that a model with a short chain cannot
             take (every default is capped); without it they are refused.
-        Guidance doubles the batch of a call, not the number of calls.
+        Guidance doubles the batch of a step where w ≠ 0: two network calls per image there, as
+        samplers.Guidance.calls counts them.
         """
         T = self.num_timesteps
         if sampler not in SAMPLERS:

@@ -13,7 +13,7 @@ Everything about the model (architecture, image size, channels, schedule, object
 comes from the config stored in the checkpoint; the flags only choose how to sample. With no
 sampling flag at all (--sampler, --steps, --eta, --churn, --guidance, --guidance-interval, --guide),
 a model with a best measured sampling takes it (plumbing/sampling.py's BEST_SAMPLING): for CIFAR-10,
-EDM's Heun, 50 calls, churn 0, w = 3 only where 0.28 < σ ≤ 5.42 (66 calls per image, FID-10k
+EDM's Heun, --steps 50, churn 0, w = 3 only where 0.28 < σ ≤ 5.42 (66 calls per image, FID-10k
 17.1 against 28.4 for the plain default; docs/samplers.md). Any sampling flag gives the plain
 defaults for the flags left out: ancestral DDPM on 50 steps, w = 0. The same
 --seed gives the same images on every device. A conditional model without --class samples the

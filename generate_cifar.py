@@ -1,6 +1,6 @@
 """CIFAR-10 samples: a labelled 10×10 grid, or 50,000 images for FID, in one command.
 
-    python generate_cifar.py                                         # samples/cifar10_grid_edm50_w2_s0.28-5.42.png
+    python generate_cifar.py                                         # samples/cifar10_grid_edm50_w3_s0.28-5.42.png
     python generate_cifar.py --sampler ddpm                          # samples/cifar10_grid_ddpm50.png, unguided
     python generate_cifar.py --steps 1000                            # the paper's Algorithm 2, all 1000 steps
     python generate_cifar.py --guidance 2 --guidance-interval 0.28 5.42   # samples/cifar10_grid_ddpm50_w2_s0.28-5.42.png
@@ -11,7 +11,7 @@
 Conditional model: one row per class, the class name at the left of its row; the images are
 drawn with the classes in turn, so 50,000 of them hold 5,000 per class. Unconditional model: a
 plain 10×10 grid. With no sampling flag the CIFAR-10 model samples its best measured way, as in
-generate.py: EDM's Heun, 50 calls, churn 0, w = 3 only where 0.28 < σ ≤ 5.42 (66 calls per
+generate.py: EDM's Heun, --steps 50, churn 0, w = 3 only where 0.28 < σ ≤ 5.42 (66 calls per
 image; FID-10k 17.1 for the shipped model against 28.4 unguided). Any sampling flag gives
 generate.py's plain defaults for the rest: ancestral DDPM on 50 of the T steps, w = 0; --steps 1000
 alone is the paper's Algorithm 2 (FID 3.17 in Ho et al. Table 1). Without --ckpt it samples

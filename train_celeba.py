@@ -12,7 +12,7 @@ Without --dataset, the data dir (--data-dir, else $DDPM_DATA, else ./data) decid
 is there (the built celeba64_train.npz, or the official img_align_celeba.zip or its extracted
 img_align_celeba/ folder, in <data dir>/celeba/ or the data dir itself); else faces64.npz, the build
 machines' offline copy, where that is there; else torchvision downloads CelebA into <data dir>/celeba/.
-The first run crops CelebA once (the DDPM/DDIM crop: 140×140 centred at (89, 121), resized to 64)
+The first run crops CelebA once (140×140 centred at (89, 121), where DDIM's 128×128 crop is centred, resized to 64)
 into celeba64_train.npz / celeba64_test.npz beside it: CelebA's own partition, 162,770 training and
 19,962 test faces (its 19,867 'valid' faces are not used).
 

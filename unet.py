@@ -194,7 +194,7 @@ class UNet(nn.Module):
         return layer(h)                                # Downsample / Upsample
 
     def forward(self, x, t, labels=None):
-        """x: (B, C, H, W), t: (B,) ints in [0, T), labels: (B,) ints or None -> (B, C, H, W)."""
+        """x: (B, C, H, W), t: (B,) steps in [0, T − 1], ints or floats (EDM), labels: (B,) ints or None -> (B, C, H, W)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet built for {self.in_channels}×{self.image_size}×{self.image_size} inputs, "
                              f"got {tuple(x.shape[1:])}")

@@ -254,7 +254,7 @@ def load_image_folder(folder, image_size=64):
 # ----------------------------------------------------------------------------- CelebA
 
 CELEBA_SIZE = (178, 218)            # px, w × h: CelebA's aligned & cropped images (img_align_celeba)
-CELEBA_BOX = (19, 51, 159, 191)     # the DDPM/DDIM crop: 140×140 centred at (x, y) = (89, 121)
+CELEBA_BOX = (19, 51, 159, 191)     # 140×140 centred at (x, y) = (89, 121), where DDIM's 128×128 crop is centred
 CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}    # list_eval_partition.txt's numbers
 CELEBA_RANGES = (162_770, 182_637, 202_599)    # the same partition by file number (000001 … 162770 train, …)
 CELEBA_POOL_AFTER = 2000            # images: a larger set is decoded by one process per core
@@ -298,7 +298,7 @@ def _celeba_range(i):
 
 
 def celeba_crop(img, size=64):
-    """One aligned CelebA image (PIL, 178×218) -> uint8 (size, size, 3): the DDPM/DDIM 140×140 crop,
+    """One aligned CelebA image (PIL, 178×218) -> uint8 (size, size, 3): the 140×140 crop around the face,
     resized with Lanczos (antialiased)."""
     from PIL import Image
     return np.asarray(img.convert("RGB").resize((size, size), Image.LANCZOS, box=CELEBA_BOX), dtype=np.uint8)

@@ -214,7 +214,8 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS, best=False):
     p.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help=f"{SAMPLER_HELP} (default: {DEFAULT_SAMPLER}{best_words})")
     p.add_argument("--steps", type=int, default=None,
-                   help="network calls per image, 1 … T; T with ddpm is Algorithm 2's full chain (default: "
+                   help="network evaluations per image, 1 … T (a guided one costs two calls); T with ddpm is "
+                        "Algorithm 2's full chain (default: "
                         + (f"{steps}, at most T)" if steps else "all T for ddpm, 50 for the others)"))
     p.set_defaults(default_steps=steps)
     p.add_argument("--eta", type=float, default=None, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
@@ -248,7 +249,7 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS, best=False):
 
 
 def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
-                 grid="samples/<run>_<sampler><steps>.png", steps=DEFAULT_STEPS, shipped="pretrained/mnist.pt"):
+                 grid="samples/<run>_<sampler><steps><w>.png", steps=DEFAULT_STEPS, shipped="pretrained/mnist.pt"):
     """ckpt: the default --ckpt, what the trainer writes; shipped: the model in pretrained/ used where
     ckpt does not exist, so that a fresh clone samples without training."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,7 +258,7 @@ def build_parser(description=__doc__, ckpt="checkpoints/mnist_ema.pt", n=64,
                         "where that does not exist)")
     p.set_defaults(trained_ckpt=ckpt, shipped_ckpt=shipped)
     add_sampling_args(p, n, steps, best=True)
-    p.add_argument("--grid", default=None, help=f"grid PNG (default: {grid})")
+    p.add_argument("--grid", default=None, help=f"grid PNG (default: {grid}; <w>: the guidance, e.g. _w3_s0.28-5.42)")
     p.add_argument("--no-grid", action="store_true", help="do not write a grid")
     p.add_argument("--ncol", type=int, default=None, help="grid columns (default: K classes, else √n)")
     p.add_argument("--out", default=None, help="folder for one PNG per image (00000.png, …)")
