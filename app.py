@@ -1,6 +1,6 @@
 """The Gradio demo: watch a trained DDPM denoise, live, in the browser.
 
-    python app.py                                   # every checkpoints/*_ema.pt, --device auto
+    python app.py                                   # pretrained/*.pt and every checkpoints/*_ema.pt, --device auto
     python app.py --ckpt checkpoints/mnist_ema.pt   # only these (repeatable)
     python app.py --port 7861 --host 0.0.0.0        # serve on the network; --share for a public link
 

@@ -1,7 +1,7 @@
 """Speed of the training step and of sampling, for each trainer's default model. Prints numbers;
 asserts nothing (speed targets live here, never in the unit tests).
 
-    python -m tools.benchmark                                  # all three default configs, this machine
+    python -m tools.benchmark                                  # all five configs (three trainers, --small, --cpu)
     python -m tools.benchmark --config cifar --batch-size 128 --compile   # the DDPM CIFAR-10 model on a GPU
     python -m tools.benchmark --config mnist --threads 2 --steps 20
 
