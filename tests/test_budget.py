@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from plumbing import budget
+from plumbing.checkpoint import load_for_sampling
 import train_celeba
 import train_cifar
 import train_mnist
@@ -55,6 +56,9 @@ def read_log(folder, name):
 def test_max_pflop_stops_the_run_and_counts_flops_in_log_and_checkpoint(data_dir, tmp_path):
     ckpt = run(train_mnist, tmp_path, "--steps", "1000", "--max-pflop", "5e-6")
     full = torch.load(ckpt / "mnist.pt", weights_only=True)
+    diffusion, _ = load_for_sampling(ckpt / "mnist_ema.pt", amp=False)         # the FLOPs are the network's own
+    one = torch.zeros(1, dtype=torch.long)
+    assert full["flops_per_image"] == forward_flops(diffusion.model, torch.zeros(1, 1, 28, 28), one, one) > 0
     per_step = 3 * full["flops_per_image"] * 8                                  # batch 8
     assert full["step"] == -(-5e9 // per_step)                                 # the first step at ≥ 5e-6 PFLOP
     assert full["images_seen"] == 8 * full["step"]

@@ -4,6 +4,7 @@ tests' own data_dir fixture: without the data, one line in the summary says why 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_cifar10_has_its_class_names(data_dir):
 def test_data_dir_falls_back_to_ddpm_data(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_DATA", str(tmp_path))
     assert data.data_root() == tmp_path
-    assert data.data_root("elsewhere") == data.data_root("elsewhere")
+    assert data.data_root("elsewhere") == Path("elsewhere")          # a given folder wins over $DDPM_DATA
     monkeypatch.delenv("DDPM_DATA")
     assert str(data.data_root()) == "data"
 

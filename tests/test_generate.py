@@ -67,12 +67,17 @@ def test_generate_py_and_the_library_give_the_same_images_and_gif_batch_by_batch
     assert not np.array_equal(shown, one_batch)        # the noise is drawn batch by batch: --batch-size matters
 
 
-def test_ddim_eta0_is_deterministic_and_uses_the_requested_steps(tiny_checkpoint, tmp_path, capsys):
+def test_ddim_takes_the_requested_steps_and_eta(tiny_checkpoint, tmp_path, capsys):
+    # η = 0 is deterministic given x_T (test_diffusion); here: the flags reach the sampler and its record
     ckpt = tiny_checkpoint()
     a = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "5")
-    b = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "5")
-    assert np.array_equal(a, b)
+    with np.load(tmp_path / "run.npz") as d:
+        assert (str(d["sampler"]), int(d["steps"]), int(d["calls"]), float(d["eta"])) == ("ddim", 5, 5, 0.0)
     assert "steps=5" in capsys.readouterr().out
+    noisy = run(ckpt, tmp_path, "--n", "2", "--sampler", "ddim", "--steps", "5", "--eta", "1")   # same x_T, fresh noise
+    assert not np.array_equal(a, noisy)
+    with np.load(tmp_path / "run.npz") as d:
+        assert float(d["eta"]) == 1.0
 
 
 @pytest.mark.parametrize("image_size, batch", [(8, 256), (32, 256), (64, 64)])

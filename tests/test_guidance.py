@@ -6,6 +6,7 @@ classifier-free guidance mixes (1 + w)·out(y) − w·out(∅); the guidance int
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,11 @@ def test_guidance_flags_from_the_command_line_and_their_file_names(tiny_checkpoi
     unconditional = tiny_checkpoint("uncond.pt")
     generate.main(["--ckpt", str(unconditional), "--n", "2", "--steps", "6", "--guidance", "1",
                    "--guide", str(unconditional), "--npz", str(tmp_path / "auto.npz"), "--no-grid"])
+    generate.main(["--ckpt", str(unconditional), "--n", "2", "--steps", "6", "--npz", str(tmp_path / "plain.npz"),
+                   "--no-grid"])
+    with np.load(tmp_path / "auto.npz") as auto, np.load(tmp_path / "plain.npz") as plain:
+        assert (float(auto["guidance"]), int(auto["calls"]), str(auto["guidance_tag"])) == (1.0, 12, "_w1_guide")
+        assert np.array_equal(auto["images"], plain["images"])     # its own guide: D + w·(D − D) = D
     with pytest.raises(SystemExit, match="only for class-conditional models"):
         generate.main(["--ckpt", str(unconditional), "--n", "2", "--steps", "6", "--guidance", "1"])
 
