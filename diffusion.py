@@ -411,7 +411,8 @@ class GaussianDiffusion(nn.Module):
         """DDPM Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t·z, z ~ N(0, I), and z = 0 at the last step."""
         for i in reversed(range(self.num_timesteps)):                                 # Alg. 2: for t = T, …, 1
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)
+            g = as_guidance(guidance).at(self.sigma_table[i].item())                      # w at σ_t, on the host
+            eps, x0 = self.model_predictions(x, t, labels, g, clip_denoised)
             mean = self.p_mean(x, t, eps)                                             # DDPM eq. 11
             if i > 0:
                 x = mean + (0.5 * extract(self.posterior_log_variance, t)).exp() * randn()  # σ_t·z
@@ -425,7 +426,8 @@ class GaussianDiffusion(nn.Module):
         σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (DDIM eq. 16)."""
         for i, t_now in enumerate(ts):
             t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-            eps, x0 = self.model_predictions(x, t, labels, guidance, clip_denoised)
+            g = as_guidance(guidance).at(self.sigma_table[t_now].item())                  # w at σ_t, on the host
+            eps, x0 = self.model_predictions(x, t, labels, g, clip_denoised)
             alpha_bar = self.alphas_cumprod[t_now]
             alpha_bar_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(alpha_bar)
             sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()

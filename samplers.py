@@ -76,19 +76,27 @@ class Guidance:
     sigma_hi: float = math.inf
     guide: object = None
 
+    def weight(self, sigma):
+        """w at the noise level σ (a float): w where σ_lo < σ ≤ σ_hi, 0 elsewhere."""
+        return self.w if self.sigma_lo < sigma <= self.sigma_hi else 0.0
+
+    def at(self, sigma):
+        """This guidance at one noise level σ (a host float), the interval resolved to its w there.
+        The samplers hand it to network, so no step has to be read back from the device."""
+        return Guidance(self.weight(sigma), guide=self.guide)
+
     def weight_at(self, sigma_table, t):
         """w at step t ((B,) tensor of one step, integer or fractional), 0 outside the interval."""
         if self.w == 0.0 or (self.sigma_lo <= 0.0 and self.sigma_hi == math.inf):
-            return self.w                                      # no interval: no σ lookup (no host sync)
-        sigma = t_to_sigma(sigma_table, t[0].item()).item()                                     # σ_t
-        return self.w if self.sigma_lo < sigma <= self.sigma_hi else 0.0
+            return self.w                                      # no interval (or resolved by at): no lookup
+        return self.weight(t_to_sigma(sigma_table, t[0].item()).item())   # σ_t; a host sync if t is on a GPU
 
     def calls(self, sigma_table, ts, labels=True):
         """Network calls per image over the sampler's steps ts (sampling_timesteps): one per step,
         two where w ≠ 0 (CFG on an unconditional model, labels False, is never applied)."""
         if self.guide is None and not labels:
             return len(ts)
-        return sum(1 + (self.weight_at(sigma_table, torch.tensor([t])) != 0.0) for t in ts)
+        return sum(1 + (self.weight(t_to_sigma(sigma_table, t).item()) != 0.0) for t in ts)
 
 
 def as_guidance(guidance):
@@ -123,7 +131,7 @@ def denoise(diffusion, x, sigma, labels=None, guidance=0.0, clip_denoised=None):
     alpha_bar = 1 / (1 + sigma ** 2)                                                    # ᾱ = 1/(1 + σ²)
     if labels is None and diffusion.num_classes is not None:      # the null label as an integer (t is a float)
         labels = null_labels(diffusion.num_classes, x.shape[0], x.device)
-    out = diffusion.network(math.sqrt(alpha_bar) * x, t, labels, guidance)                  # at x_t = √ᾱ·x_σ
+    out = diffusion.network(math.sqrt(alpha_bar) * x, t, labels, as_guidance(guidance).at(sigma))  # at x_t = √ᾱ·x_σ
     if diffusion.objective == "eps":
         x0 = x - sigma * out                                                  # x̂_0 = x_σ − σ·ε_θ
     elif diffusion.objective == "x0":
@@ -197,7 +205,8 @@ def dpmpp2m_steps(diffusion, x, ts, labels, guidance, clip_denoised):
     x0_prev = h_prev = None
     for i, t_now in enumerate(ts):
         t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-        _, x0 = diffusion.model_predictions(x, t, labels, guidance, clip_denoised)        # x̂_0 = x_θ(x_t, t)
+        g = as_guidance(guidance).at(diffusion.sigma_table[t_now].item())                 # w at σ_t, on the host
+        _, x0 = diffusion.model_predictions(x, t, labels, g, clip_denoised)               # x̂_0 = x_θ(x_t, t)
         if i + 1 == len(ts):
             x = x0                                                                  # λ = ∞: x_0 = x̂_0
         else:

@@ -47,6 +47,28 @@ def test_interval_guidance_runs_the_unconditional_call_only_inside_the_band(samp
     assert g.calls(diffusion.sigma_table, ts) == sum(1 if batch == 4 else 2 for batch, _, _ in model.calls)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_samplers_resolve_the_interval_on_the_host(sampler):
+    """network would read t back from the device to place it in the band (a sync per call on a GPU);
+    the samplers hand it Guidance.at(σ_t) instead: no interval left, w already what the band says."""
+    diffusion = make_diffusion(WavyEps(num_classes=3), timesteps=50)
+    lo, hi = sigma(diffusion, 15), sigma(diffusion, 35)
+    g = Guidance(2.0, sigma_lo=lo, sigma_hi=hi)
+    seen, network = [], diffusion.network
+
+    def spy(xt, t, labels=None, guidance=0.0):
+        seen.append((t[0].item(), as_guidance(guidance)))
+        return network(xt, t, labels, guidance)
+
+    diffusion.network = spy
+    diffusion.sample(4, sampler=sampler, steps=9, labels=torch.tensor([0, 1, 2, 1]), guidance=g, progress=False)
+    assert len(seen) == len(diffusion.sampling_timesteps(sampler, 9))
+    for t, resolved in seen:
+        assert (resolved.sigma_lo, resolved.sigma_hi) == (0.0, math.inf), f"t = {t}: the interval reached network"
+        assert resolved.w == g.weight_at(diffusion.sigma_table, torch.tensor([t])), f"t = {t}"
+    assert {resolved.w for _, resolved in seen} == {0.0, 2.0}
+
+
 def test_an_unbounded_interval_is_plain_classifier_free_guidance():
     model = WavyEps(num_classes=3)
     diffusion = make_diffusion(model, timesteps=50)
