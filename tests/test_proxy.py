@@ -32,9 +32,8 @@ def test_proxy_features_real_vs_real_small_real_vs_noise_large(mnist_proxy, data
     real_noise = metrics.frechet_distance(*metrics.feature_stats(fa), *metrics.feature_stats(fn))
     assert fa.shape == (300, 128) and pa.shape == (300, 10)
     assert real_noise > 10 * real_real
-    for probs in (pa, pn):
-        assert 0 <= metrics.confident_share(probs) <= 1 and 0 <= metrics.class_coverage(probs) <= 1
-    assert mnist_proxy.config["task"] == "classes" and 0 <= mnist_proxy.config["test_accuracy"] <= 1
+    assert np.allclose(pa.sum(axis=1), 1) and np.allclose(pn.sum(axis=1), 1)          # class probabilities
+    assert mnist_proxy.config["task"] == "classes"       # (its shares: test_fid.py; 25 steps teach it little)
 
 
 def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
@@ -46,7 +45,7 @@ def test_proxy_metrics_trains_a_missing_proxy_and_scores_a_checkpoint(tiny_check
     assert "training proxy classifier for mnist" in capsys.readouterr().out
     assert (ckpt_dir / "proxy_mnist.pt").exists() and list((ckpt_dir / "fid_stats").glob("mnist_train_8px_400_*.npz"))
     assert set(m) == {"proxy_fid", "confident", "coverage", "n", "sampler", "steps"}
-    assert m["proxy_fid"] > 0 and 0 <= m["confident"] <= 1 and 0 <= m["coverage"] <= 1
+    assert m["proxy_fid"] > 0
     assert (m["n"], m["sampler"], m["steps"]) == (40, DEFAULT_SAMPLER, 3)      # the fast default sampler
     again = metrics.proxy_metrics(diffusion, config, data_dir, num_samples=40, ckpt_dir=ckpt_dir, steps=3, batch_size=20,
                               ref_limit=400)
