@@ -67,6 +67,7 @@ class Run:
             model, train_model, diffusion, opt, ema, batches)
         self.ema_extra = ema_extra or {}        # --ema-extra-decays: {decay: EMA}, each as self.ema
         self.ckpt_path = ckpt_path
+        self.stale_extra_emas = False           # --overwrite: remove the earlier run's at the first save
         self.master = rank == 0
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.ema_diffusion = GaussianDiffusion(self.ema_model, **config["diffusion"]).to(device)
@@ -162,6 +163,9 @@ class Run:
                        "at the next save")
             return False
         self.saved_step = self.step
+        if self.stale_extra_emas:
+            remove_stale_extra_emas(self.ckpt_path, self.args.ema_extra_decays, tqdm.write)
+            self.stale_extra_emas = False
         return True
 
     @property
@@ -220,14 +224,13 @@ def open_run_files(args, explicit, rank, say, lock):
             raise SystemExit(f"error: {e}") from None
         if note:
             say(f"=== {note}")
-        if args.overwrite and ckpt is None:
-            remove_stale_extra_emas(ckpt_path, args.ema_extra_decays, say)
     return ckpt_path, ckpt, (made, lock_made)
 
 
 def remove_stale_extra_emas(ckpt_path, decays, say):
     """--overwrite starts the run afresh: an earlier run's <run>_ema<d>.pt for a decay d this run does
-    not keep would never be rewritten, and would pass for this run's. Remove those, in one line."""
+    not keep would never be rewritten, and would pass for this run's. Remove those, in one line; at the
+    new run's first save (Run.save), so that a run refused before it loses nothing."""
     pattern = re.compile(re.escape(ckpt_path.stem) + r"_ema(\d*\.?\d+)\.pt")
     stale = [p for p in ckpt_path.parent.glob(f"{ckpt_path.stem}_ema*.pt")
              if (m := pattern.fullmatch(p.name)) and float(m.group(1)) not in decays]
@@ -304,6 +307,7 @@ def build_run(args, explicit, device, rank, world, say, lock):
     if world > 1:
         train_model = wrap_ddp(train_model, device)
     run = Run(args, config, model, train_model, diffusion, opt, ema, batches, device, rank, world, ckpt_path, ema_extra)
+    run.stale_extra_emas = args.overwrite and ckpt is None
     if ckpt is not None:
         restore(run, ckpt, say)
     elif world > 1:
@@ -367,7 +371,10 @@ def restore(run, ckpt, say=print):
     An extra EMA decay the checkpoint lacks starts from the current weights; one it has but the run
     no longer keeps is left out (one line says which)."""
     run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
+    saved = ckpt["optimizer"]      # its moments and step counts; its settings (weight decay, fused) are the flags'
+    groups = [{**ours, "params": theirs["params"]}
+              for ours, theirs in zip(run.opt.state_dict()["param_groups"], saved["param_groups"])]
+    run.opt.load_state_dict({**saved, "param_groups": groups})
     run.ema.load_state_dict(ckpt["ema"])
     stored = ckpt.get("ema_extra", {})
     for d in run.ema_extra:
@@ -432,7 +439,8 @@ def note_identical_emas(args, last_step, say):
 class StopOnSignal:
     """Ctrl-C / SIGTERM: finish the step, save, stop (.signal: the signal's name, else None). The
     handler steps aside after the first signal, so a second one ends the process at once, whatever
-    it is doing. The earlier handlers come back when the loop ends."""
+    it is doing. The earlier handlers come back with release(), which finish calls once the end's
+    save is written (so a first signal during that save waits for it), or when the loop raises."""
 
     def __init__(self, run):
         self.run, self.signal, self.old_handlers = run, None, {}
@@ -441,9 +449,14 @@ class StopOnSignal:
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.release()
+
+    def release(self):
         for s, h in self.old_handlers.items():
             signal.signal(s, h)
+        self.old_handlers = {}
 
     def on_signal(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -588,7 +601,7 @@ def sitting(args, explicit, clock, lock, device, rank, world, recipe_note):
                 reason = "--debug-stop-step"                                      # test hook: end a sitting
             else:
                 reason = finished
-    finish(run, clock, reason, say, interrupted=stop.signal is not None)
+    finish(run, clock, reason, say, stop)
     return stop.signal
 
 
@@ -601,12 +614,17 @@ def cpu_recipe_note(args, presets, argv):
     return None
 
 
-def finish(run, clock, reason, say, interrupted):
-    """The end of a sitting: save, say where the run stands, the end-of-run grid, the loss plot."""
+def finish(run, clock, reason, say, stop):
+    """The end of a sitting: save (a first signal waits for it), say where the run stands, the
+    end-of-run grid (not after a signal), the loss plot."""
     args = run.args
-    run.read_nans(say)
-    say(f"=== saving {run.ckpt_path} …")
-    if not run.save():
+    try:
+        run.read_nans(say)
+        say(f"=== saving {run.ckpt_path} …")
+        saved = run.save()
+    finally:
+        stop.release()
+    if not saved:
         raise SystemExit(f"stopped at step {run.step} ({reason}) without saving it; the last checkpoint is "
                          f"{run.ckpt_path} at step {run.saved_step}")
     if run.master:
@@ -616,7 +634,7 @@ def finish(run, clock, reason, say, interrupted):
             f"{run.train_seconds / 3600:.2f} h of training")
         if run.nan_skipped:
             say(f"=== {run.nan_skipped} non-finite steps were skipped")
-        if args.sample_every and not interrupted:
+        if args.sample_every and stop.signal is None:
             final_grid(run.ema_now(), args, run.step, run.runlog, run.seconds_per_image_step, clock, run.ema_path)
         run.runlog.plot(f"{args.run_name}: training loss")
         run.runlog.close()

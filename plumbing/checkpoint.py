@@ -87,7 +87,9 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
     stats: plain numbers of the run (nan_skipped, nan_streak, train_seconds, progress, images_seen,
     flops_per_image, train_flops; before under --init-from; rng_ranks under DDP). extras: (decay,
     EMA, path) of each --ema-extra-decays, written to `path` like `ema_path`. Refuses non-finite
-    weights: the previous files are then left as they were."""
+    weights: the previous files are then left as they were. Each file is written atomically, `path`
+    last: a save that fails part way leaves `path` at the last step it held, and a run resumed from
+    it saves the EMA files again, even one that has already reached its budget."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ema_state = cpu_state(ema)
     extra_states = {str(decay): cpu_state(extra) for decay, extra, _ in extras}
@@ -97,10 +99,6 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
             raise CheckpointError(f"refusing to save non-finite weights at step {step}; the last good "
                                   f"checkpoint is {path}")
     compute = {k: stats[k] for k in (*COMPUTE_KEYS, "before") if k in stats}
-    save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
-                     "step": step, "rng": rng, "data_state": data_state, **stats,
-                     **({"ema_extra": extra_states} if extras else {}),
-                     "versions": {"torch": str(torch.__version__)}}, path)
     save_checkpoint({"config": config, "step": step, **compute,
                      "ema_model": {k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()}}, ema_path)
     for decay, _, extra_path in extras:           # each as <run>_ema.pt, its config naming its decay
@@ -110,6 +108,11 @@ def save_run(path, ema_path, config, model, ema, optimizer, step, rng, data_stat
         shadow = extra_states[str(decay)]["shadow"]
         save_checkpoint({"config": extra_config, "step": step, **compute,
                          "ema_model": {k: v.to(weights[k].dtype) for k, v in shadow.items()}}, extra_path)
+    # `path` last: until it is written, --resume starts before this step and saves every file again
+    save_checkpoint({"config": config, "model": weights, "ema": ema_state, "optimizer": optimizer.state_dict(),
+                     "step": step, "rng": rng, "data_state": data_state, **stats,
+                     **({"ema_extra": extra_states} if extras else {}),
+                     "versions": {"torch": str(torch.__version__)}}, path)
 
 
 LOCAL_PATHS = ("ckpt_dir", "sample_dir", "log_dir", "data_dir", "tensorboard", "debug_dump_dir")

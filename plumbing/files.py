@@ -11,6 +11,7 @@ data or the FID networks does not import diffusion.py or unet.py.
 import hashlib
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 import time
@@ -128,8 +129,16 @@ class RunLock:
 
 
 def save_checkpoint(obj, path):
-    """torch.save, atomically (atomic_write)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (atomic_write). torch.save's zip writer reports a write that fails part
+    way (a full disk) as a RuntimeError; it is raised as the OSError it is, which callers handle."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            free = shutil.disk_usage(Path(path).absolute().parent).free
+            raise OSError(f"torch.save stopped part way ({str(e).splitlines()[0]}), as it does on a full disk; "
+                          f"{free / 1e6:.0f} MB free there") from e
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):

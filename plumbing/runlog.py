@@ -65,6 +65,8 @@ class RunLog:
         self._write("log.csv", self.FIELDS, self.rows)
         if self.eval_rows:
             self._write("eval.csv", list(self.eval_rows[0]), self.eval_rows)
+        else:                                # an earlier run's, or rows of steps that were never saved
+            (self.folder / "eval.csv").unlink(missing_ok=True)
 
     def _read(self, name, resume_step):
         """On resume keep the rows up to the checkpoint's step (later ones were never saved)."""

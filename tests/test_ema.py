@@ -288,6 +288,13 @@ def test_overwrite_removes_the_earlier_runs_extra_ema_files_it_does_not_keep(dat
     assert load(ckpt_dir / "mnist_ema0.99.pt")["step"] == 1 and (ckpt_dir / "mnist_ema.pt").exists()
 
 
+def test_an_overwrite_refused_before_its_first_save_removes_nothing(data_dir, tmp_path):
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "1", "--ema-extra-decays", "0.9")
+    with pytest.raises(SystemExit, match="--init-from"):
+        run(train_mnist, tmp_path, "--steps", "1", "--overwrite", "--init-from", str(tmp_path / "typo.pt"))
+    assert load(ckpt_dir / "mnist_ema0.9.pt")["step"] == 1          # still there: the new run never saved
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--ema-extra-decays", "1"], "out of range: use a number in [0, 1)"),
     (["--ema-extra-decays", "0.9,1.5"], "out of range: use a number in [0, 1)"),

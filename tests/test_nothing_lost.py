@@ -2,6 +2,7 @@
 fails (a full disk) keeps the previous checkpoint and says so in one line."""
 
 import errno
+import io
 import os
 import shutil
 import signal
@@ -86,15 +87,33 @@ def test_a_folder_made_read_only_is_refused_and_the_earlier_checkpoint_and_log_s
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
-def full_disk_at(monkeypatch, bad_steps):
-    """checkpoint.save_checkpoint raises OSError(ENOSPC) while saving any of these steps."""
-    real = checkpoint.save_checkpoint
+class FullDisk(io.RawIOBase):
+    """A file whose disk fills up `room` bytes into it: every write after that raises ENOSPC."""
 
-    def save(obj, path):
-        if obj["step"] in bad_steps:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(obj, path)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    def __init__(self, f, room):
+        super().__init__()
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def full_disk_at(monkeypatch, bad_steps, which=lambda obj: True):
+    """The disk fills up 2 kB into each file of these steps' saves (those `which` picks): torch.save's
+    own zip writer meets ENOSPC part way, as on a real full disk, where it raises a RuntimeError."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") in bad_steps and which(obj):
+            f = FullDisk(f, 2000)
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_says_so_and_the_run_goes_on(data_dir, tmp_path, monkeypatch,
@@ -102,7 +121,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_says_so_and_the_run_goes_on(d
     full_disk_at(monkeypatch, {4})
     ckpt_dir = run(train_mnist, tmp_path, "--steps", "6", "--save-every", "2")
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not save step 4" in line]
-    assert len(lines) == 1 and "No space left on device" in lines[0] and "previous checkpoint is intact (step 2)" in lines[0]
+    assert len(lines) == 1 and "full disk" in lines[0] and "previous checkpoint is intact (step 2)" in lines[0]
     assert step_of(ckpt_dir / "mnist.pt") == 6                        # the next save went through
 
 
@@ -113,6 +132,42 @@ def test_a_full_disk_at_the_last_save_stops_saying_which_checkpoint_is_left(data
     assert "without saving it" in str(e.value) and "at step 4" in str(e.value)
     assert step_of(tmp_path / "ckpt" / "mnist.pt") == 4               # intact, and loads
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.suffix == ".tmp"]     # no half-written file
+
+
+def test_a_failed_save_of_a_finished_run_is_written_again_by_resume(data_dir, tmp_path, monkeypatch):
+    """<run>.pt is written last: the EMA file's write fails at the last step, so <run>.pt stays at the
+    save before, and --resume trains the steps again and writes every file, the EMA's included."""
+    full_disk_at(monkeypatch, {4}, which=lambda obj: "ema_model" in obj)
+    with pytest.raises(SystemExit):
+        run(train_mnist, tmp_path, "--steps", "4", "--save-every", "2")
+    ckpt_dir = tmp_path / "ckpt"
+    assert step_of(ckpt_dir / "mnist.pt") == 2 and step_of(ckpt_dir / "mnist_ema.pt") == 2
+    monkeypatch.undo()
+    run(train_mnist, tmp_path, "--steps", "4", "--resume")
+    assert step_of(ckpt_dir / "mnist.pt") == 4 and step_of(ckpt_dir / "mnist_ema.pt") == 4
+
+
+def test_a_signal_during_the_last_save_waits_for_it(data_dir, tmp_path, monkeypatch):
+    """The run ends by its budget and a SIGTERM arrives as the end's save begins: the trainer's handler
+    still holds it (the handler from before would kill the process mid-write), the save completes,
+    and the run exits with the signal's status."""
+    import trainer
+    real, met = trainer.save_run, []
+
+    def save_run(path, ema_path, config, model, ema, optimizer, step, *args):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real(path, ema_path, config, model, ema, optimizer, step, *args)
+
+    monkeypatch.setattr(trainer, "save_run", save_run)
+    before = signal.signal(signal.SIGTERM, lambda *a: met.append("the handler from before"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(train_mnist, tmp_path, "--steps", "3")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert met == [] and e.value.code == 143
+    assert step_of(tmp_path / "ckpt" / "mnist.pt") == 3 and step_of(tmp_path / "ckpt" / "mnist_ema.pt") == 3
 
 
 def test_resume_without_a_checkpoint_names_the_flags_that_exist(data_dir, tmp_path):

@@ -35,3 +35,17 @@ def test_end_of_run_grid_is_sized_from_the_measured_speed():
     assert runlog.plan_final_grid(64, 100, 1e-3, run_seconds=120) == 32          # 3% of 2 min = 3.6 s
     assert runlog.plan_final_grid(64, 100, 1e-3, run_seconds=10) == 0            # skipped, with a message
     assert runlog.grid_seconds(32, 100, 1e-3) <= 0.03 * 120
+
+
+@pytest.mark.parametrize("resume_step, kept", [(2, ["1"]), (0, None), (None, None)],
+                         ids=["resume-keeps-saved-steps", "resume-before-any", "fresh-run"])
+def test_eval_csv_keeps_only_rows_of_saved_steps(tmp_path, resume_step, kept):
+    """A resumed run keeps the evaluations up to its checkpoint's step; with none left, or in a new
+    run, an earlier eval.csv goes (its rows are of steps this run's checkpoint never held)."""
+    (tmp_path / "eval.csv").write_text("step,proxy_fid\n1,20.0\n3,18.0\n")
+    runlog.RunLog(tmp_path, resume_step=resume_step, tensorboard=False)
+    path = tmp_path / "eval.csv"
+    if kept is None:
+        assert not path.exists()
+    else:
+        assert [line.split(",")[0] for line in path.read_text().splitlines()[1:]] == kept

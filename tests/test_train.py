@@ -246,6 +246,19 @@ def test_sigterm_finishes_the_step_saves_and_stops(data_dir, tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is handler    # the trainer's handler is gone again
 
 
+def test_resume_takes_the_optimisers_settings_from_the_flags_and_its_moments_from_the_checkpoint(data_dir, tmp_path):
+    """A run moved to where AdamW is fused (CUDA; here --debug-sync-free), or given another
+    --weight-decay, resumes with those settings: load_state_dict alone would bring back the saved ones,
+    and a fused step path would then meet an unfused optimiser."""
+    ckpt_dir = run(train_mnist, tmp_path, "--steps", "1", "--weight-decay", "0")
+    first = torch.load(ckpt_dir / "mnist.pt", weights_only=True)["optimizer"]
+    run(train_mnist, tmp_path, "--steps", "2", "--resume", "--weight-decay", "0.01", "--debug-sync-free")
+    second = torch.load(ckpt_dir / "mnist.pt", weights_only=True)["optimizer"]
+    assert second["param_groups"][0]["weight_decay"] == 0.01 and second["param_groups"][0]["fused"]
+    assert all(float(state["step"]) == 2 for state in second["state"].values())     # the moments went on
+    assert first["state"].keys() == second["state"].keys()
+
+
 def test_second_signal_is_left_to_the_system(data_dir, tmp_path, monkeypatch):
     from diffusion import GaussianDiffusion
     seen = []
