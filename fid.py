@@ -13,8 +13,9 @@ the flags left out (ancestral DDPM, 50 steps, w = 0), never a model's best sampl
 weights used, n, and the reference set: FID-10k against the test split is another number than
 FID-50k against the training split.
 
-Reference statistics (μ, Σ and a subset of features for KID) are computed once per dataset,
-split, size and feature network (keyed by the weights' hash) and cached in checkpoints/fid_stats/.
+Reference statistics (μ, Σ and a subset of features for KID) are computed once per dataset copy
+(its file, size and time of change), split, size and feature network (keyed by the weights' hash)
+and cached in checkpoints/fid_stats/.
 """
 
 import argparse
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from plumbing.checkpoint import CheckpointError
-from plumbing.data import dataset_slug, load_image_folder, load_npz, load_split
+from plumbing.files import load_checkpoint
+from plumbing.data import dataset_slug, load_image_folder, load_npz, load_split, match_channels
 from plumbing.device import pick_device
 from scoring.inception import Inception, InceptionError, get_inception
 from plumbing.images import save_grid
@@ -120,6 +122,7 @@ def copies(images, dataset, args, pairs=8):
     """The copy check (metrics.copy_check) against the training split, with the test split held out."""
     train, _, _ = load_split(dataset, args.data_dir, images.shape[-1], "train")
     held, _, _ = load_split(dataset, args.data_dir, images.shape[-1], "test")
+    images = match_channels(images, train.shape[1])    # grey samples read from PNGs come back as RGB
     if held.shape == train.shape and torch.equal(held, train):
         raise ValueError(f"--copy-check needs a held-out split, and {dataset} has one split only; use a named "
                          "dataset (faces holds out its last 300, cifar10 and mnist have test sets)")
@@ -156,6 +159,23 @@ def images_to_score(args, parser):
     return images, dataset, meta
 
 
+def reference(args, dataset, size, device):
+    """The feature network and the real images' statistics at the samples' side `size` ->
+    (extractor, reference stats, the score's label, seconds). A missing weights file or dataset
+    stops here: with --ckpt, before any sampling."""
+    if args.proxy:
+        extractor = get_proxy(dataset, args.data_dir, args.ckpt_dir, size, device)
+        ref_size, label = extractor.config["image_size"], PROXY_LABEL
+    else:
+        extractor = Inception(args.inception_weights, device)
+        ref_size = size                    # the real images at the samples' size, as the model saw them
+        label = "FID" if extractor.exact else "FID with non-standard Inception weights (not FID)"
+    t0 = time.time()
+    ref = reference_stats(extractor, dataset, args.data_dir, ref_size, args.split,
+                          os.path.join(args.ckpt_dir, "fid_stats"), args.ref_limit)
+    return extractor, ref, label, time.time() - t0
+
+
 def _main(args, parser):
     if args.get_inception:
         get_inception()
@@ -170,22 +190,22 @@ def _main(args, parser):
         parser.error("give exactly one of --samples (a folder or .npz) or --ckpt (sample a checkpoint now)")
     if args.first is not None and not args.samples:
         parser.error("--first is for --samples; with --ckpt, --n says how many images to sample")
+    if args.ref_limit is not None and args.ref_limit < 2:
+        parser.error(f"--ref-limit {args.ref_limit}: the real images' covariance needs at least 2 (e.g. 2000)")
+    if args.kid_subsets < 1 or args.kid_subset_size < 2:
+        parser.error(f"--kid-subsets {args.kid_subsets} --kid-subset-size {args.kid_subset_size}: KID needs at least "
+                     "1 subset of at least 2 images (defaults: 100 of 1000)")
+    if args.ckpt:        # what the samples are scored against, ready before the sampling's hours
+        config = load_checkpoint(args.ckpt)["config"]
+        extractor, ref, label, ref_seconds = reference(args, args.dataset or config["dataset"],
+                                                      config["diffusion"]["image_size"], device)
     images, dataset, meta = images_to_score(args, parser)
     n = len(images)
-    size = images.shape[-1]
-
-    if args.proxy:
-        extractor = get_proxy(dataset, args.data_dir, args.ckpt_dir, size, device)
-        ref_size, label = extractor.config["image_size"], PROXY_LABEL
-    else:
-        extractor = Inception(args.inception_weights, device)
-        ref_size = size                    # the real images at the samples' size, as the model saw them
-        label = "FID" if extractor.exact else "FID with non-standard Inception weights (not FID)"
+    if not args.ckpt:
+        extractor, ref, label, ref_seconds = reference(args, dataset, images.shape[-1], device)
     t0 = time.time()
-    ref = reference_stats(extractor, dataset, args.data_dir, ref_size, args.split,
-                          os.path.join(args.ckpt_dir, "fid_stats"), args.ref_limit)
     s = score(extractor, images, ref, args.kid_subsets, args.kid_subset_size)
-    seconds = time.time() - t0
+    seconds = ref_seconds + time.time() - t0
     n_ref = int(ref["n"])
     where = (f"n={n} vs {dataset_slug(dataset)} {args.split} ({n_ref} images), sampler={meta.get('sampler', 'unknown')}, "
              f"steps={meta.get('steps', 'unknown')}"

@@ -507,6 +507,37 @@ def load_split(name, data_dir=None, image_size=None, split="train", limit=None):
     return images, labels, class_names
 
 
+def dataset_source(name, data_dir=None, train=True):
+    """The file or folder load_dataset(name, …) reads its split from, or None where a named dataset
+    is not there yet (it downloads or builds on first use)."""
+    name = str(name)
+    if name not in NAMED:
+        return Path(name).expanduser()
+    root = data_root(data_dir)
+    if name == "faces":
+        return root / "faces64.npz"
+    if name == "celeba":
+        built = celeba_cache(root, "train" if train else "test")
+        return built if built.exists() else celeba_source(root)[0]
+    path = root / f"{name}_{'train' if train else 'test'}.npz"
+    folder = root / {"mnist": "MNIST", "cifar10": "cifar-10-batches-py"}[name]      # torchvision's download
+    return path if path.exists() else folder if folder.exists() else None
+
+
+def source_tag(name, data_dir=None, train=True):
+    """8 hex digits of where `name` is read from: the resolved file or folder, its size and time of
+    change (or the data dir, where nothing is there yet). Caches of statistics over a dataset carry
+    it in their names, so that another copy (another data dir, torchvision's download in place of an
+    .npz, a file written anew) never reuses statistics of the first."""
+    path = dataset_source(name, data_dir, train)
+    if path is None or not path.exists():
+        where = f"{data_root(data_dir).resolve()}/{name}"
+    else:
+        stat = path.stat()
+        where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha1(where.encode()).hexdigest()[:8]
+
+
 def dataset_slug(name):
     """"mnist" -> "mnist"; "photos/faces.npz" or "photos/" -> "faces" / "photos" (for file names)."""
     name = str(name)

@@ -32,11 +32,20 @@ def pick_device(name="auto"):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device mps: Apple MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name}: Apple MPS is not available here; use --device auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {name}: this repo runs on cpu, cuda or mps; use one of those (or auto)")
+    return device
 
 
 def bf16_fast(device):

@@ -17,12 +17,14 @@ import argparse
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from plumbing.checkpoint import CheckpointError, load_for_sampling, seen_in_all
 from plumbing.data import default_class_names
+from plumbing.files import check_writable
 from plumbing.device import DEVICE_HELP, pick_device, synchronize, time_call
 from diffusion import CHURN, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from samplers import Guidance, as_guidance, check_guide
@@ -277,11 +279,32 @@ def open_from_args(args):
         raise SystemExit("error: --batch-size must be at least 1")
     if args.churn is not None and ((args.sampler or DEFAULT_SAMPLER) != "edm" or args.churn < 0):
         raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
+    check_outputs(args)
     if args.ckpt is None:
         args.ckpt = default_checkpoint(args.trained_ckpt, args.shipped_ckpt)
     diffusion, config = open_checkpoint(args.ckpt, pick_device(args.device), args.amp)
     fill_sampling(args, config)                  # the flags left out: the model's best sampling, or the plain defaults
     return diffusion, config
+
+
+def check_outputs(args):
+    """The output flags (generate.py, generate_cifar.py), checked before the sampling that they would
+    otherwise fail after: counts at least 1, files in folders that can be written, --out a folder."""
+    for flag in ("ncol", "gif_frames", "per_class", "zoom"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: must be at least 1")
+    for flag in ("grid", "npz", "gif"):
+        path = getattr(args, flag, None)
+        if path and Path(path).is_dir():
+            raise SystemExit(f"error: --{flag} {path} is a folder; give a file name in it")
+        if path:
+            check_writable(Path(path).absolute().parent, f"--{flag}")
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the PNGs (made if missing)")
+    if out:
+        check_writable(out, "--out")
 
 
 def settings_from_args(args, diffusion, config):

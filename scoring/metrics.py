@@ -17,7 +17,7 @@ import scipy.linalg
 import torch
 
 from plumbing.files import atomic_write
-from plumbing.data import dataset_slug, load_split
+from plumbing.data import dataset_slug, load_split, source_tag
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from scoring.inception import Inception
 from scoring.proxy import get_proxy
@@ -97,13 +97,18 @@ def class_coverage(probs):
 def reference_stats(extractor, dataset, data_dir=None, image_size=None, split="train", cache_dir="checkpoints/fid_stats",
                     limit=None, batch_size=None):
     """μ, Σ (and up to KID_REF_FEATURES features) of the real images under `extractor` (Inception
-    or Proxy), cached in cache_dir as <dataset>_<split>_<size>px_<network tag>.npz."""
-    name = f"{dataset_slug(dataset)}_{split}_{image_size or 'native'}px{f'_{limit}' if limit else ''}_{extractor.tag}.npz"
-    path = os.path.join(cache_dir, name)
+    or Proxy), cached in cache_dir as <dataset>_<split>_<size>px[_<limit>]_<source>_<network tag>.npz,
+    <source> the data's own tag (data.source_tag: which copy of the dataset, as it is now)."""
+    def cached(train=split == "train"):
+        return os.path.join(cache_dir, f"{dataset_slug(dataset)}_{split}_{image_size or 'native'}px"
+                                       f"{f'_{limit}' if limit else ''}_{source_tag(dataset, data_dir, train)}"
+                                       f"_{extractor.tag}.npz")
+    path = cached()
     if os.path.exists(path):
         with np.load(path, allow_pickle=False) as d:
             return {k: d[k] for k in d.files}
     images, _, _ = load_split(dataset, data_dir, image_size, split, limit)
+    path = cached()                               # the tag of what was read, downloaded or built just now
     print(f"computing reference statistics: {dataset} {split}, {len(images)} images, {extractor.tag} -> {path}")
     feats, _ = _features(extractor, images, batch_size)
     mu, sigma = feature_stats(feats)

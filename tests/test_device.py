@@ -21,6 +21,21 @@ def test_mps_without_mps_is_an_error_line_saying_what_to_use(monkeypatch):
     assert e.value.code == "error: --device mps: Apple MPS is not available here; use --device auto or cpu"
 
 
+@pytest.mark.parametrize("name, message", [
+    ("foo", "not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ("meta", "this repo runs on cpu, cuda or mps"),
+    ("mps:0", "Apple MPS is not available here"),
+    ("cuda:1", "this machine has 1 CUDA device(s), cuda:0 … cuda:0"),
+])
+def test_a_device_that_is_not_one_or_not_there_is_one_line(monkeypatch, name, message):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # one GPU, for the cuda:1 case
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        device.pick_device(name)
+    assert e.value.code.startswith(f"error: --device {name}: {message}")
+
+
 def test_a_trainer_refuses_a_missing_device_before_writing_anything(monkeypatch, tmp_path):
     import train_mnist
     from conftest import run
@@ -113,6 +128,7 @@ def test_a_model_loaded_for_sampling_runs_float32_where_bf16_is_not_fast(monkeyp
     ("auto", False, ("gloo", "cpu")), ("cpu", True, ("gloo", "cpu")), ("cpu", False, ("gloo", "cpu"))])
 def test_ddp_uses_nccl_on_cuda_and_gloo_on_the_cpu(monkeypatch, name, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
     assert device.ddp_backend(name) == expected
 
 

@@ -100,7 +100,7 @@ def test_inception_fid_runs_end_to_end_with_stand_in_weights(stand_in_inception,
     assert seen == [((2048,), (2048, 2048), (2048,), (2048, 2048))]
     assert np.isfinite(result["fid"]) and np.isfinite(result["kid"])
     assert "not FID" in out and "n=4 vs r train (4 images), sampler=unknown, steps=unknown" in out
-    cached = list((tmp_path / "ck" / "fid_stats").glob("r_train_16px_inception-*.npz"))
+    cached = list((tmp_path / "ck" / "fid_stats").glob("r_train_16px_*_inception-*.npz"))
     assert len(cached) == 1
     with np.load(cached[0]) as d:
         assert d["mu"].shape == (2048,) and d["sigma"].shape == (2048, 2048) and d["features"].shape == (4, 2048)
@@ -154,6 +154,64 @@ def test_missing_inception_weights_say_what_to_do(tmp_path, monkeypatch):
     assert "--get-inception" in str(e.value) and "--proxy" in str(e.value)
 
 
+
+
+def test_fid_ckpt_refuses_missing_weights_before_it_samples(tiny_checkpoint, tmp_path, monkeypatch):
+    from diffusion import GaussianDiffusion
+    monkeypatch.setattr(GaussianDiffusion, "reverse_steps", lambda *a, **k: pytest.fail("sampled before refusing"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))       # no published weights
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))                      # no converted weights
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--ckpt", str(tiny_checkpoint()), "--n", "2", "--steps", "2", "--dataset", "mnist",
+                  "--ckpt-dir", str(tmp_path / "ck"), "--device", "cpu"])
+    assert "--get-inception" in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ref-limit", "1"], "--ref-limit 1: the real images' covariance needs at least 2"),
+    (["--kid-subsets", "0"], "KID needs at least 1 subset of at least 2 images"),
+])
+def test_reference_and_kid_sizes_that_cannot_give_a_score_are_refused(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(fid, "Inception", lambda *a, **k: pytest.fail("went on to score"))
+    with pytest.raises(SystemExit):
+        fid.main(["--samples", str(tiny_npz(tmp_path / "s.npz", 4, 0)), "--dataset", str(tiny_npz(tmp_path / "r.npz", 4, 1)),
+                  "--ckpt-dir", str(tmp_path / "ck"), *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_reference_statistics_of_two_copies_of_a_dataset_are_cached_apart(tmp_path, monkeypatch):
+    """Two files of one name (a/ref.npz, b/ref.npz), and one file written anew, each get their own
+    statistics: the cache's name carries the copy's tag (data.source_tag). The features here are
+    each image's mean colour."""
+    import os
+    from types import SimpleNamespace
+    monkeypatch.setattr(metrics, "_features", lambda ex, images, batch_size=None:
+                        (images.double().mean(dim=(2, 3)).numpy(), None))
+    extractor, cache = SimpleNamespace(tag="mean"), str(tmp_path / "stats")
+    a, b = tmp_path / "a" / "ref.npz", tmp_path / "b" / "ref.npz"
+    for path, value in ((a, 0), (b, 200)):
+        path.parent.mkdir()
+        np.savez(path, images=np.full((4, 8, 8, 3), value, np.uint8))
+    assert metrics.reference_stats(extractor, str(a), cache_dir=cache)["mu"].tolist() == [0, 0, 0]
+    assert metrics.reference_stats(extractor, str(b), cache_dir=cache)["mu"].tolist() == [200, 200, 200]
+    np.savez(a, images=np.full((4, 8, 8, 3), 100, np.uint8))                 # a written anew
+    os.utime(a, ns=(1, 1))                                                   # surely at another time
+    assert metrics.reference_stats(extractor, str(a), cache_dir=cache)["mu"].tolist() == [100, 100, 100]
+    assert metrics.reference_stats(extractor, str(b), cache_dir=cache)["mu"].tolist() == [200, 200, 200]
+    assert len(os.listdir(cache)) == 3
+
+
+def test_copy_check_of_grey_samples_read_back_as_rgb(tmp_path, capsys):
+    """PNG folders come back RGB (load_image_folder); against a grey training set the samples are
+    turned grey first, so each sample stays one sample."""
+    import types
+    faces = np.random.RandomState(1).randint(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "faces64.npz", images=faces, celeba_id=np.arange(8) + 1)     # 4 train, 4 held out
+    planted = torch.from_numpy(faces[:2].copy()).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)    # grey as RGB
+    fresh = torch.from_numpy(np.random.RandomState(2).randint(0, 256, (6, 1, 16, 16), dtype=np.uint8))
+    args = types.SimpleNamespace(data_dir=str(tmp_path), copy_check=str(tmp_path / "pairs.png"))
+    result = fid.copies(torch.cat([planted, fresh.expand(-1, 3, -1, -1)]), "faces", args, pairs=2)
+    assert result["near_copy_share"] == 2 / 8 and "% of 8 samples are closer" in capsys.readouterr().out
 
 
 def test_nearest_pixel_distance_is_the_brute_force_rms_and_copies_are_caught():

@@ -106,6 +106,25 @@ def test_refuses_a_missing_file(tmp_path):
     assert "does not exist" in msg
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    (generate, ["--ncol", "-1"], "--ncol -1: must be at least 1"),
+    (generate, ["--gif", "{tmp}/t.gif", "--gif-frames", "0"], "--gif-frames 0: must be at least 1"),
+    (generate, ["--npz", "{tmp}/a_file/run.npz"], "--npz {tmp}/a_file: cannot write there"),
+    (generate, ["--out", "{tmp}/a_file"], "--out {tmp}/a_file is a file; give a folder"),
+    (generate, ["--grid", "{tmp}"], "--grid {tmp} is a folder; give a file name"),
+    (generate_cifar, ["--per-class", "0"], "--per-class 0: must be at least 1"),
+])
+def test_a_bad_output_flag_is_refused_before_any_sampling(tiny_checkpoint, tmp_path, monkeypatch, script, flags,
+                                                          message):
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    from diffusion import GaussianDiffusion
+    monkeypatch.setattr(GaussianDiffusion, "reverse_steps", lambda *a, **k: pytest.fail("sampled before refusing"))
+    argv = ["--ckpt", str(tiny_checkpoint(num_classes=10)), "--n", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        script.main(argv + [f.format(tmp=tmp_path) for f in flags])
+    assert str(e.value).startswith(f"error: {message.format(tmp=tmp_path)}"), str(e.value)
+
+
 @pytest.mark.parametrize("kind", ["text", "list"])
 def test_refuses_a_file_that_is_not_a_checkpoint(tmp_path, kind):
     path = tmp_path / "bad.pt"
