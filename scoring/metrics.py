@@ -99,10 +99,10 @@ def reference_stats(extractor, dataset, data_dir=None, image_size=None, split="t
     """μ, Σ (and up to KID_REF_FEATURES features) of the real images under `extractor` (Inception
     or Proxy), cached in cache_dir as <dataset>_<split>_<size>px[_<limit>]_<source>_<network tag>.npz,
     <source> the data's own tag (data.source_tag: which copy of the dataset, as it is now)."""
-    def cached(train=split == "train"):
+    def cached():
+        source = source_tag(dataset, data_dir, train=split == "train")
         return os.path.join(cache_dir, f"{dataset_slug(dataset)}_{split}_{image_size or 'native'}px"
-                                       f"{f'_{limit}' if limit else ''}_{source_tag(dataset, data_dir, train)}"
-                                       f"_{extractor.tag}.npz")
+                                       f"{f'_{limit}' if limit else ''}_{source}_{extractor.tag}.npz")
     path = cached()
     if os.path.exists(path):
         with np.load(path, allow_pickle=False) as d:
