@@ -7,8 +7,9 @@
 Pick a checkpoint, a sampler (ancestral DDPM on a 50-step respacing by default), a seed and how many images; for a
 class-conditional model also the class and the classifier-free guidance weight w. For a model with a best
 measured sampling (plumbing/sampling.py's BEST_SAMPLING; CIFAR-10: EDM's Heun, --steps 50, churn 0,
-w = 3 only where 0.28 < σ ≤ 5.42, the "guidance interval" box), one button sets it; the page still opens on
-the plain default, whose 16 images fit the demo's 10 s on a 2-core CPU (docs/demo.md). The page shows
+w = 3 only where 0.28 < σ ≤ 5.42, the "guidance interval" box), the page opens on it, as generate.py
+does with no sampling flag (its 16 images fit the demo's 10 s on a 2-core CPU: docs/demo.md), and one
+button sets it again after a change. The page shows
 x_t and the model's current guess x̂_0 side by side while the reverse chain runs (as often as those
 frames cost at most a fifth of the run), then the final grid, with the grid as a PNG to download.
 The time estimate is the network's timed calls until a model has run, then its last run's time.
@@ -251,10 +252,11 @@ class App:
         ts = diffusion.sampling_timesteps(SAMPLERS[sampler], steps, **self.churn(info, sampler))
         return guidance.calls(diffusion.sigma_table, ts) - len(ts)
 
-    def page_defaults(self, info, best=False):
-        """The settings the page opens a model on, the plain defaults; with best=True its best measured
-        sampling where it has one -> (sampler as shown, steps, w, interval ticked)."""
-        best = info["best"] if best else None
+    def page_defaults(self, info):
+        """The settings the page opens a model on, as generate.py's with no sampling flag: its best
+        measured sampling where it has one (the button sets it again), else the plain defaults
+        -> (sampler as shown, steps, w, interval ticked)."""
+        best = info["best"]
         if best:
             return SHOWN[best["sampler"]], self.steps_for(info, best["steps"], best["sampler"]), best["guidance"], \
                 "guidance_interval" in best
@@ -365,9 +367,9 @@ class App:
                 gr.update(choices=[ALL_CLASSES, *(info["class_names"] or [])], value=ALL_CLASSES, visible=conditional),
                 gr.update(visible=bool(info["best"])))
 
-    def settings_updates(self, info, best=False):
+    def settings_updates(self, info):
         """page_defaults as the updates of the sampler, steps, guidance and interval inputs."""
-        sampler, steps, w, interval = self.page_defaults(info, best)
+        sampler, steps, w, interval = self.page_defaults(info)
         return (gr.update(value=sampler), gr.update(maximum=info["T"], value=steps),
                 gr.update(visible=bool(info["num_classes"]), value=w), gr.update(value=interval))
 
@@ -375,7 +377,7 @@ class App:
         """The "best measured sampling" button -> the sampler, steps, guidance and interval inputs set to it."""
         if name not in self.infos:
             raise gr.Error(f"unknown model {name!r}; choose one of {sorted(self.infos)}")
-        return self.settings_updates(self.infos[name], best=True)
+        return self.settings_updates(self.infos[name])
 
     # ------------------------------------------------------------------ generation
 
@@ -445,7 +447,7 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 about = gr.Markdown(app.model_markdown(first))
                 if warning:
                     gr.Markdown(warning)
-                sampler = gr.Radio(list(SAMPLERS), value=first_sampler, label="Sampler",
+                sampler = gr.Radio(list(SAMPLERS), value=first_sampler, label="Sampler", elem_id="sampler",
                                    info="DDPM: ancestral (all T steps = Algorithm 2; fewer = a respaced chain); "
                                         "DDIM: deterministic; EDM: stochastic Heun; DPM-Solver++: ODE, for "
                                         "well-trained models")
@@ -456,7 +458,7 @@ def build_demo(ckpt_paths, device="cpu", ckpt_dir=CKPT_DIR):
                 class_name = gr.Dropdown([ALL_CLASSES, *(first["class_names"] or [])], value=ALL_CLASSES,
                                          label="Class", visible=conditional, allow_custom_value=True)
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=first_w, step=0.5, visible=conditional,
-                                     label="Guidance w", info="classifier-free guidance; 0 = none")
+                                     label="Guidance w", elem_id="guidance", info="classifier-free guidance; 0 = none")
                 interval = gr.Checkbox(first_interval, visible=bool(first_band), label=interval_label(first_band),
                                        info="Kynkäänniemi et al. 2024: w = 0 outside the band, one network call there")
                 best = gr.Button("Best measured sampling", size="sm", visible=bool(first["best"]), elem_id="best",

@@ -116,26 +116,27 @@ def test_estimate_and_model_switch(server):
     assert shown == (app.SHOWN_DEFAULT, T, app.DEFAULT_GUIDANCE, False)                   # no best: plain
 
 
-def test_a_model_s_best_sampling_is_one_click_away_and_guides_only_in_its_interval(tmp_path, monkeypatch):
-    """A CIFAR-10 model (BEST_SAMPLING) opens on the plain defaults (16 guided images overran the demo's
-    10 s on 2 cores); its button sets EDM, its w in 0.28 < σ ≤ 5.42, and the estimate and the run count a
-    guided call (batch 2n) only where σ is in the band. A model without one has no button, no box."""
+def test_a_model_s_best_sampling_is_what_the_page_opens_on_and_guides_only_in_its_interval(tmp_path, monkeypatch):
+    """A CIFAR-10 model (BEST_SAMPLING) opens on it, as generate.py does with no sampling flag: EDM, its w
+    in 0.28 < σ ≤ 5.42, the interval box ticked; after a change its button sets it again; the estimate and
+    the run count a guided call (batch 2n) only where σ is in the band. A model without one opens on the
+    plain defaults, with no button and no box."""
     make_checkpoint(tmp_path / "c_ema.pt", timesteps=T, image_size=SIZE, channels=3, num_classes=10, dataset="cifar10")
     make_checkpoint(tmp_path / "m_ema.pt", timesteps=T, image_size=SIZE, num_classes=10, dataset="mnist")
     infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
     demo_app = app.App(infos, "cpu")
     best = sampling.BEST_SAMPLING["cifar10"]
     plain = (app.SHOWN_DEFAULT, T, app.DEFAULT_GUIDANCE, False)
-    assert demo_app.page_defaults(infos["c_ema"]) == plain
-    assert demo_app.page_defaults(infos["c_ema"], best=True) == ("EDM", min(best["steps"], T), best["guidance"], True)
-    assert demo_app.page_defaults(infos["m_ema"], best=True) == plain
+    assert demo_app.page_defaults(infos["c_ema"]) == ("EDM", min(best["steps"], T), best["guidance"], True)
+    assert demo_app.page_defaults(infos["m_ema"]) == plain
     about, sampler, _, w, interval, _, button = demo_app.on_model_change("c_ema")
     assert (sampler["value"], w["value"], interval["value"], interval["visible"], button["visible"]) == \
-        (app.SHOWN_DEFAULT, 0.0, False, True, True)
+        ("EDM", best["guidance"], True, True, True)
     assert "0.28 < σ ≤ 5.42" in interval["label"] and sampling.best_sampling_flags(best) in about
     sampler, steps, w, interval = demo_app.on_best("c_ema")
     assert (sampler["value"], steps["value"], w["value"], interval["value"]) == ("EDM", T, best["guidance"], True)
-    *_, interval, _, button = demo_app.on_model_change("m_ema")
+    about, sampler, _, w, interval, _, button = demo_app.on_model_change("m_ema")
+    assert (sampler["value"], w["value"], interval["value"]) == (app.SHOWN_DEFAULT, app.DEFAULT_GUIDANCE, False)
     assert not interval["visible"] and not button["visible"]
 
     diffusion = demo_app.models.get(infos["c_ema"]["path"], demo_app.device)
