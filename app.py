@@ -39,7 +39,7 @@ from plumbing.checkpoint import CheckpointError, ema_weights, load_checkpoint, l
 from plumbing.device import DEVICE_HELP, pick_device, synchronize as sync
 from plumbing.data import default_class_names
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
-from plumbing.images import make_grid, to_pil, to_uint8
+from plumbing.images import NonFiniteImages, make_grid, to_pil, to_uint8
 from plumbing.sampling import (THREADS_HELP, SamplingError, best_sampling, best_sampling_flags,
                                estimate_seconds as sampling_seconds, resolve_sampling, set_threads)
 from samplers import CHURN, Guidance
@@ -382,7 +382,14 @@ class App:
     # ------------------------------------------------------------------ generation
 
     def generate(self, name, sampler, steps, seed, n, class_name, guidance, interval=False):
-        """Stream (x_t grid, x̂_0 grid, final grid, PNG path, status) while the reverse chain runs."""
+        """Stream (x_t grid, x̂_0 grid, final grid, PNG path, status) while the reverse chain runs; samples
+        that are not finite end it with their message (images.NonFiniteImages), nothing saved."""
+        try:
+            yield from self.run(name, sampler, steps, seed, n, class_name, guidance, interval)
+        except NonFiniteImages as e:
+            raise gr.Error(str(e)) from None
+
+    def run(self, name, sampler, steps, seed, n, class_name, guidance, interval):
         info, diffusion, sampler, steps, seed, n, labels, guidance = self.check_inputs(
             name, sampler, steps, seed, n, class_name, guidance, interval)     # loads the model (cached)
         total = steps                                                     # network calls

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from plumbing.images import to_uint8
+from plumbing.images import NonFiniteImages, to_uint8
 from plumbing.sampling import (batches, build_parser, gif_every, open_from_args, settings_from_args, timed,
                                write_outputs)
 
@@ -51,7 +51,10 @@ def main(argv=None):
             x, trajectory = diffusion.sample(b, labels=y, generator=generator, trajectory_every=keep_every, **settings)
         else:
             x = diffusion.sample(b, labels=y, generator=generator, **settings)       # (b, C, H, W) in [−1, 1]
-        images.append(to_uint8(x))                                                   # (b, H, W, C) uint8
+        try:
+            images.append(to_uint8(x))                                               # (b, H, W, C) uint8
+        except NonFiniteImages as e:
+            raise SystemExit(f"error: {e}") from None
         if args.n > args.batch_size:
             print(f"  {sum(map(len, images))}/{args.n} images")
     timed(resolved, args.n, t0, diffusion.betas.device)

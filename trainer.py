@@ -508,7 +508,8 @@ def periodic_jobs(run, meter, lr, finished, say_all):
     eval_now = args.eval_every and run.step % args.eval_every == 0
     if sample_now and run.master:
         path = draw_grid(run.ema_now(), args, run.step, run.runlog, seconds_per_image_step=run.seconds_per_image_step)
-        tqdm.write(f"step {run.step}: samples in {path}")
+        if path:
+            tqdm.write(f"step {run.step}: samples in {path}")
         run.runlog.plot(f"{args.run_name}: training loss")
     if eval_now and run.master:
         evaluate(run.ema_now(), run.config, args, run.step, run.runlog)

@@ -1,6 +1,6 @@
 """Images in and out of the model's range, and the files they are written to.
 
-    to_model_range(uint8) -> [−1, 1];  to_uint8([−1, 1]) -> uint8, the inverse
+    to_model_range(uint8) -> [−1, 1];  to_uint8([−1, 1]) -> uint8, the inverse (NonFiniteImages for NaN pixels)
     make_grid, to_pil, save_grid, save_pngs, save_npz (for fid.py), save_gif (x_t beside x̂_0)
 
 Arrays are (N, H, W, C) uint8 on the way out, C = 1 (grey) or 3 (colour).
@@ -19,9 +19,20 @@ def to_model_range(x):
     return x.float() / 127.5 - 1.0
 
 
+class NonFiniteImages(ValueError):
+    """Samples with NaN or infinite pixels, which a cast to uint8 would turn into black without a word."""
+
+
 def to_uint8(x):
-    """(N, C, H, W) float in [−1, 1] -> (N, H, W, C) uint8 numpy array, the inverse of to_model_range."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    """(N, C, H, W) float in [−1, 1] -> (N, H, W, C) uint8 numpy array, the inverse of to_model_range;
+    NonFiniteImages where a pixel is NaN or infinite (checked on the host copy: no extra synchronisation)."""
+    x = x.detach().float().cpu()
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    if bad:
+        raise NonFiniteImages(f"{bad} of {len(x)} images have NaN or infinite pixels: the network's output was "
+                              "not finite (a damaged checkpoint, or reduced precision overflowing on this device: "
+                              "try --no-amp or --device cpu); nothing was written from them")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

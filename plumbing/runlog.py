@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from plumbing.images import make_grid, save_grid, to_uint8
+from plumbing.images import NonFiniteImages, make_grid, save_grid, to_uint8
 from plumbing.sampling import classes_in_turn
 
 FINAL_GRID_SHARE = 0.03        # the end-of-run grid may cost at most this share of the run's time
@@ -137,8 +137,9 @@ class RunLog:
 
 def draw_grid(ema_diffusion, args, step, runlog, n=None, seconds_per_image_step=None):
     """A grid from a run's EMA model (ema_diffusion, its weights up to date) at `step`, from the same x_T
-    every time (comparable grids), into --sample-dir and the run's log; returns its path. args: the
-    trainer's flags (sample_count, sample_sampler, sample_steps, sample_dir, run_name)."""
+    every time (comparable grids), into --sample-dir and the run's log; returns its path (None, with a
+    line, where the samples are not finite). args: the trainer's flags (sample_count, sample_sampler,
+    sample_steps, sample_dir, run_name)."""
     asked = n = n or args.sample_count
     device = ema_diffusion.betas.device
     num_classes, ncol, labels, why = ema_diffusion.num_classes, None, None, ""
@@ -156,7 +157,11 @@ def draw_grid(ema_diffusion, args, step, runlog, n=None, seconds_per_image_step=
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x = ema_diffusion.sample(n, sampler=args.sample_sampler, steps=args.sample_steps, labels=labels,
                                  generator=gen, progress=True)
-    images = to_uint8(x)
+    try:
+        images = to_uint8(x)
+    except NonFiniteImages as e:                        # a grid never ends the run
+        tqdm.write(f"step {step}: no grid: {e}")
+        return None
     path = Path(args.sample_dir) / f"{args.run_name}_step{step}.png"
     save_grid(images, path, ncol=ncol)
     runlog.log_grid(step, make_grid(images, ncol))
@@ -199,4 +204,6 @@ def final_grid(ema_diffusion, args, step, runlog, seconds_per_image_step, clock,
               f"{grid_seconds(args.sample_count, args.sample_steps, per_call):.0f} s, more than "
               f"{FINAL_GRID_SHARE:.0%} of this run; draw one with python generate.py --ckpt {ema_path}")
         return
-    print(f"=== samples in {draw_grid(ema_diffusion, args, step, runlog, n, seconds_per_image_step)}")
+    path = draw_grid(ema_diffusion, args, step, runlog, n, seconds_per_image_step)
+    if path:
+        print(f"=== samples in {path}")

@@ -353,3 +353,14 @@ def test_a_model_trained_under_one_epoch_is_listed_last_and_marked_as_noise(tmp_
     assert (first_name, last_name) == ("shipped", "a_stopped_ema")
     assert "expect noise" in last and "expect noise" not in first
     assert "expect noise" in demo_app.model_markdown(infos["a_stopped_ema"])
+
+
+def test_samples_that_are_not_finite_end_the_run_with_their_message(tmp_path):
+    """A network that answers NaN: the page says so (gr.Error) instead of showing black images."""
+    from test_generate import poison
+    make_checkpoint(tmp_path / "n_ema.pt", timesteps=T, image_size=SIZE)
+    poison(tmp_path / "n_ema.pt")
+    infos, _ = app.describe_checkpoints(app.discover_checkpoints(tmp_path, pretrained_dir=tmp_path / "none"))
+    demo_app = app.App(infos, "cpu")
+    with pytest.raises(gr.Error, match="4 of 4 images have NaN or infinite pixels"):
+        list(demo_app.generate("n_ema", "DDIM", 3, 0, 4, app.ALL_CLASSES, 0.0))

@@ -384,3 +384,37 @@ def test_without_ckpt_the_trained_model_else_the_shipped_one(tiny_checkpoint, tm
     assert "shipped" not in capsys.readouterr().out
     with np.load(tmp_path / "s.npz") as d:
         assert str(d["ckpt"]) == "cifar10_ema.pt"
+
+
+def poison(ckpt):
+    """Make the checkpoint's network answer NaN: one NaN in the bias of its output layer."""
+    state = torch.load(ckpt, weights_only=True)
+    name = [k for k in state["ema_model"] if k.endswith("bias")][-1]
+    state["ema_model"][name][0] = float("nan")
+    torch.save(state, ckpt)
+
+
+def test_samples_that_are_not_finite_are_refused_and_nothing_is_written(tiny_checkpoint, tmp_path):
+    """A network that answers NaN (a damaged checkpoint, an overflow) used to give black images without a
+    word (NaN cast to uint8); now one line, and no grid, PNG or .npz."""
+    ckpt = tiny_checkpoint()
+    poison(ckpt)
+    msg = refusal(["--ckpt", str(ckpt), "--n", "3", "--sampler", "ddim", "--steps", "3", "--device", "cpu",
+                   "--grid", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "run.npz"), "--out", str(tmp_path / "pngs")])
+    assert msg.startswith("error: 3 of 3 images have NaN or infinite pixels"), msg
+    assert not any((tmp_path / name).exists() for name in ("grid.png", "run.npz", "pngs"))
+
+
+def test_a_training_grid_of_samples_that_are_not_finite_is_skipped_with_a_line(tiny_checkpoint, tmp_path, capsys):
+    """The trainer's grid never ends a run: samples that are not finite give a line and no file."""
+    from types import SimpleNamespace
+    from plumbing.checkpoint import load_for_sampling
+    from plumbing.runlog import draw_grid
+    ckpt = tiny_checkpoint()
+    poison(ckpt)
+    diffusion = load_for_sampling(ckpt, "cpu")[0]
+    args = SimpleNamespace(sample_count=4, sample_sampler="ddim", sample_steps=3, sample_dir=str(tmp_path),
+                           run_name="tiny")
+    assert draw_grid(diffusion, args, 7, runlog=None) is None
+    assert "step 7: no grid: 4 of 4 images have NaN" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
