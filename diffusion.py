@@ -294,7 +294,7 @@ class GaussianDiffusion(nn.Module):
     def eq12_weight(self, t):
         """DDPM eq. 12, the weight that DDPM eq. 14 sets to 1: L_t = β_t²/(2σ_t²·α_t·(1−ᾱ_t))·‖ε − ε_θ‖²,
         with σ_t² the reverse-step variance. (B,) -> (B,). Not used in training; kept to show
-        what L_simple drops (it down-weights small t, Ho et al. §3.4)."""
+        what L_simple drops: next to this weighting, L_simple down-weights the small t (Ho et al. §3.4)."""
         sigma2 = extract(self.posterior_log_variance, t).exp().flatten()
         beta, alpha_bar = self.betas[t], self.alphas_cumprod[t]
         return beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - alpha_bar))
@@ -369,7 +369,8 @@ class GaussianDiffusion(nn.Module):
         at the steps ts; the last x_t is the sample.
 
         sampler "ddpm": DDPM Algorithm 2, one model call per step t = T−1 … 0. With steps < T it is
-            ancestral sampling on the respaced chain (Nichol & Dhariwal §4), which is DDIM with η = 1.
+            ancestral sampling on the respaced chain (Nichol & Dhariwal §4): DDIM with η = 1, and with
+            variance "beta" the noise of the respaced β instead (_ddim_steps' large).
         sampler "ddim": DDIM eq. 12 over `steps` evenly spaced steps; η = 0 is deterministic given x_T.
         sampler "edm": EDM Algorithm 2, stochastic Heun with churn; t is fractional. churn (S_churn),
             s_tmin, s_tmax, s_noise are its settings (see CHURN); churn = 0 is EDM's deterministic Alg. 1.
@@ -399,7 +400,8 @@ class GaussianDiffusion(nn.Module):
             step_iter = self._ddpm_steps(x, labels, guidance, clip_denoised, randn)
         elif sampler in ("ddpm", "ddim"):
             eta = 1.0 if sampler == "ddpm" else eta
-            step_iter = self._ddim_steps(x, ts, eta, labels, guidance, clip_denoised, randn)
+            large = sampler == "ddpm" and self.variance == "beta"
+            step_iter = self._ddim_steps(x, ts, eta, labels, guidance, clip_denoised, randn, large)
         elif sampler == "dpmpp2m":
             step_iter = dpmpp2m_steps(self, x, ts, labels, guidance, clip_denoised)
         else:
@@ -420,10 +422,13 @@ class GaussianDiffusion(nn.Module):
                 x = mean                                                              # no noise at t = 1
             yield i, x, x0
 
-    def _ddim_steps(self, x, ts, eta, labels, guidance, clip_denoised, randn):
+    def _ddim_steps(self, x, ts, eta, labels, guidance, clip_denoised, randn, large=False):
         """DDIM eq. 12, from step t to the next chosen step t' < t (ᾱ_{t'} = 1 after the last):
         x_{t'} = √ᾱ_{t'}·x̂_0 + √(1 − ᾱ_{t'} − σ²)·ε_θ + σ·z,
-        σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (DDIM eq. 16)."""
+        σ = η·√((1 − ᾱ_{t'})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t'})   (DDIM eq. 16).
+        At η = 1, σ² is the respaced chain's β̃ and the step is its posterior mean plus noise. large
+        (ancestral DDPM with variance "beta"): the same mean, the noise of the respaced β_t
+        = 1 − ᾱ_t/ᾱ_{t'} instead (DDPM's σ_t² = β_t on the respaced chain)."""
         for i, t_now in enumerate(ts):
             t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
             g = as_guidance(guidance).at(self.sigma_table[t_now].item())                  # w at σ_t, on the host
@@ -433,7 +438,7 @@ class GaussianDiffusion(nn.Module):
             sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
             x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
             if eta > 0 and i + 1 < len(ts):
-                x = x + sigma * randn()
+                x = x + ((1 - alpha_bar / alpha_bar_prev).sqrt() if large else sigma) * randn()
             yield t_now, x, x0
 
     @torch.no_grad()

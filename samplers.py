@@ -29,12 +29,13 @@ RHO = 7.0                                # EDM eq. 5: ρ = 7 spaces the noise le
 # faces model instead of 69 (docs/samplers.md, "A bug the faces table found").
 SIGMA_MAX = 80.0
 # The fewest network calls from which EDM's sampler uses Heun's correction and gives images. With 3 to
-# 5 calls the plan holds a Heun step from σ̂ ≈ 3.5 (or 80) straight down to σ_min ≈ 0.01: its slope
-# d′ = (x − D(x; σ_min))/σ_min is taken at the Euler guess, a blurred mean image, so the model's error
-# at σ_min is divided by σ_min and multiplied by the jump's half-length (×100…×4000): salt-and-pepper
-# noise on all three shipped models (tests/test_samplers.py). From 6 calls the last Heun step starts
-# at σ ≈ 0.8 and the images are there; EDM's own schedules take ≥ 18 steps. 1 or 2 calls are Euler
-# steps only, DDIM-like blurred means: those stand, and 3 to 5 are refused.
+# 5 calls the plan holds a Heun step from σ̂ ≈ 3.5–4.9 (σ_i ≈ 3.5, raised by the churn; or 80) straight
+# down to σ_min ≈ 0.01: its slope d′ = (x − D(x; σ_min))/σ_min is taken at the Euler guess, a blurred
+# mean image, so the model's error at σ_min is divided by σ_min and multiplied by the jump's
+# half-length (×100…×4000): salt-and-pepper noise on all three shipped models (tests/test_samplers.py).
+# From 6 calls the last Heun step starts at σ ≈ 0.8 and the images are there; EDM's own schedules take
+# ≥ 18 steps. 1 or 2 calls are Euler steps only, DDIM-like blurred means: those stand, and 3 to 5 are
+# refused.
 EDM_MIN_CALLS = 6
 
 

@@ -47,7 +47,7 @@ from plumbing.device import (autocast, bf16_fast, cuda_fast_settings, leave_dist
 from diffusion import GaussianDiffusion
 from ema import EMA, warmup_reaches
 from plumbing.runlog import RunLog, draw_grid, evaluate, final_grid, grid_seconds, plan_final_grid
-from plumbing.train_args import check_consistent, parse_args, resolve_resume
+from plumbing.train_args import check_consistent, parse_args, resolve_resume, schedule_note
 from unet import UNet, forward_flops
 
 # ----------------------------------------------------------------------------- the run's state
@@ -416,6 +416,9 @@ def start_sitting(run, say, cpu_recipe):
                      flops_per_image=run.flops_per_image, per_image=per_image, device=run.device, say=say,
                      cpu_recipe=cpu_recipe)
     note_identical_emas(args, run.step + math.ceil(images / args.batch_size), say)
+    note = schedule_note(args)
+    if note:
+        say(note)
     if run.master:
         run.runlog = RunLog(run.log_folder, run.step if args.resume else None, args.tensorboard)
         say(f"=== writing {', '.join(run.saved_files())}, grids in {args.sample_dir}/, logs in {run.log_folder}/"

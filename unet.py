@@ -3,7 +3,8 @@
 It knows nothing about diffusion. It maps a noisy image and an integer step to a tensor of the
 same shape; GaussianDiffusion decides whether that tensor means ε, x_0 or v.
 
-    forward(x, t, labels=None) -> out      x: (B, C, H, W) float, t: (B,) int, labels: (B,) int
+    forward(x, t, labels=None) -> out      x: (B, C, H, W) float, t: (B,) int (float between steps
+                                           for EDM's sampler), labels: (B,) int
 
 Architecture (Ho et al. 2020, appendix B, which follows PixelCNN++ / Wide ResNet):
   conv_in -> [ResBlock × num_res_blocks (+ attention) -> Downsample] per level -> middle

@@ -220,7 +220,7 @@ def add_sampling_args(p, n=64, steps=DEFAULT_STEPS, best=False):
                         "Algorithm 2's full chain (default: "
                         + (f"{steps}, at most T)" if steps else "all T for ddpm, 50 for the others)"))
     p.set_defaults(default_steps=steps)
-    p.add_argument("--eta", type=float, default=None, help="DDIM η: 0 deterministic, 1 ≈ DDPM (default: 0)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic, 1 ≈ DDPM (default: 0)")
     p.add_argument("--churn", type=float, default=None,
                    help=f"edm: S_churn, the noise added back per step (0 = deterministic Heun; default: {CHURN:g})")
     p.add_argument("--n", type=int, default=n, help="number of images (default: %(default)s)")
@@ -277,6 +277,9 @@ def open_from_args(args):
         set_threads(args.threads)
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit("error: --batch-size must be at least 1")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise SystemExit(f"error: --eta {args.eta}: DDIM's η is in [0, 1] (0 deterministic, 1 the DDPM posterior's "
+                         "noise); above 1 a step would add more noise than it removes")
     if args.churn is not None and ((args.sampler or DEFAULT_SAMPLER) != "edm" or args.churn < 0):
         raise SystemExit(f"error: --churn {args.churn}: only for --sampler edm, and ≥ 0 (0 = deterministic Heun)")
     check_outputs(args)

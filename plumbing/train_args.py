@@ -322,6 +322,18 @@ def check_consistent(args):
         raise SystemExit("error: " + "; ".join(problems))
 
 
+def schedule_note(args):
+    """A line where --schedule linear meets a --timesteps other than DDPM's 1000 (else None): its β run
+    from 1e-4 to 0.02 whatever T is, so with fewer steps x_T keeps much of the image, while sampling
+    starts from pure noise. The cosine schedule is defined for any T."""
+    if args.schedule != "linear" or args.timesteps == 1000:
+        return None
+    keep = float((1 - SCHEDULES["linear"](args.timesteps)).prod().sqrt())          # √ᾱ_T = √∏(1 − β_t)
+    return (f"note: --schedule linear with --timesteps {args.timesteps}: DDPM's β from 1e-4 to 0.02 were set "
+            f"for T = 1000; here √ᾱ_T = {keep:.2g}, so x_T keeps {keep:.0%} of the image while sampling starts "
+            "from pure noise, which costs quality. --timesteps 1000 or --schedule cosine avoid it")
+
+
 def resolve_resume(args, explicit, ckpt, path, say=print):
     """With --resume: take the checkpoint's settings, except the flags given now (which are printed)."""
     # A checkpoint from before an option existed was trained as the option's neutral value says.

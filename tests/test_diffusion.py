@@ -386,6 +386,30 @@ def test_ddpm_step_noise_has_variance_sigma_squared(variance):
     assert noise.var().item() == pytest.approx(sigma2.item(), rel=0.03)
 
 
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_respaced_ddpm_step_noise_has_the_respaced_chains_variance(variance):
+    # Ancestral DDPM on 5 of T = 10 steps (Nichol & Dhariwal §4): the first step goes from t = 9 to
+    # t' = 7 (evenly spaced, T−1 … 0) with the respaced β' = 1 − ᾱ_t/ᾱ_t', so σ² = β̃' = (1 − ᾱ_t')/(1 − ᾱ_t)·β'
+    # or β' itself with variance "beta" (it was β̃' for both: the choice was ignored below T steps).
+    n, T = 20_000, 10
+    diffusion = make_diffusion(WavyEps(), timesteps=T, variance=variance)
+    ts = diffusion.sampling_timesteps("ddpm", 5)
+    _, _, alpha_bar, _ = reference("linear", T)
+    t_now, t_next = ts[0], ts[1]
+    beta_r = 1 - alpha_bar[t_now] / alpha_bar[t_next]
+    sigma2 = (1 - alpha_bar[t_next]) / (1 - alpha_bar[t_now]) * beta_r if variance == "beta_tilde" else beta_r
+    x_T = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0)).expand(n, 1, 2, 2)
+    _, x, _ = next(diffusion.sample_iter(n, sampler="ddpm", steps=5, x_T=x_T,
+                                         generator=torch.Generator().manual_seed(7), progress=False))
+    t = torch.full((n,), t_now, dtype=torch.long)
+    _, x0 = diffusion.model_predictions(x_T, t)
+    mean = (alpha_bar[t_next].sqrt() * beta_r / (1 - alpha_bar[t_now]) * x0
+            + (alpha_bar[t_now] / alpha_bar[t_next]).sqrt() * (1 - alpha_bar[t_next]) / (1 - alpha_bar[t_now]) * x_T)
+    noise = x - mean.float()                                    # the respaced posterior mean (DDPM eq. 7)
+    assert noise.mean().abs() < 5 * math.sqrt(sigma2 / (4 * n))
+    assert noise.var().item() == pytest.approx(sigma2.item(), rel=0.03)
+
+
 def test_classifier_free_guidance_doubles_batch_and_mixes_1_plus_w_cond_minus_w_uncond():
     model = LabelledEps(num_classes=3)
     diffusion = make_diffusion(model, timesteps=10)

@@ -315,6 +315,13 @@ def test_churn_is_only_for_edm(tiny_checkpoint):
     assert "--churn" in msg and "edm" in msg
 
 
+@pytest.mark.parametrize("eta", ["1.5", "-0.1"])
+def test_eta_outside_0_to_1_is_refused(tiny_checkpoint, eta):
+    """Above 1, 1 − ᾱ_{t'} − σ² in DDIM eq. 12 turns negative, and was clamped to 0 without a word."""
+    msg = refusal(["--ckpt", str(tiny_checkpoint()), "--sampler", "ddim", "--eta", eta])
+    assert msg.startswith(f"error: --eta {float(eta)}: DDIM's η is in [0, 1]"), msg
+
+
 # ----------------------------------------------------------------------------- precision
 
 def test_amp_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_checkpoint, monkeypatch):

@@ -64,3 +64,17 @@ def test_resuming_a_checkpoint_from_before_an_option_keeps_it_as_it_was():
     assert args.loss_weighting == "simple" and args.clip_denoised is True      # as that checkpoint was made
     config = checkpoint.make_config(args, torch.zeros(1, 1, 28, 28), None, None)
     assert config["diffusion"]["clip_denoised"] is True                         # what generate.py will use
+
+
+@pytest.mark.parametrize("flags, keeps", [
+    (["--schedule", "linear", "--timesteps", "100"], "√ᾱ_T = 0.6, so x_T keeps 60% of the image"),
+    (["--schedule", "linear", "--timesteps", "20"], "√ᾱ_T = 0.9, so x_T keeps 90% of the image"),
+    (["--schedule", "linear", "--timesteps", "1000"], None),        # DDPM's own T: √ᾱ_T = 0.006
+    (["--schedule", "cosine", "--timesteps", "100"], None),         # defined for any T
+])
+def test_a_linear_schedule_at_another_T_than_1000_is_noted(flags, keeps):
+    """DDPM's β (1e-4 … 0.02) were set for T = 1000: at T = 100, q(x_T) is far from the N(0, I) that
+    sampling starts from. The trainer says so before the first step."""
+    args, _ = train_args.parse_args({}, flags)
+    note = train_args.schedule_note(args)
+    assert (note is None) if keeps is None else (keeps in note and "--schedule cosine" in note)
