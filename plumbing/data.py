@@ -525,13 +525,18 @@ def dataset_source(name, data_dir=None, train=True):
 
 
 def source_tag(name, data_dir=None, train=True):
-    """8 hex digits of where `name` is read from: the resolved file or folder, its size and time of
-    change (or the data dir, where nothing is there yet). Caches of statistics over a dataset carry
-    it in their names, so that another copy (another data dir, torchvision's download in place of an
-    .npz, a file written anew) never reuses statistics of the first."""
+    """8 hex digits of where `name` is read from: the resolved file, its size and time of change; for
+    a folder, those of every file below it (a folder's own time of change misses a file rewritten in
+    place or added in a subfolder); or the data dir, where nothing is there yet. Caches of statistics
+    over a dataset carry it in their names, so that another copy (another data dir, torchvision's
+    download in place of an .npz, a file written anew) never reuses statistics of the first."""
     path = dataset_source(name, data_dir, train)
     if path is None or not path.exists():
         where = f"{data_root(data_dir).resolve()}/{name}"
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        where = f"{path.resolve()}|" + "|".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                                 for p in files)
     else:
         stat = path.stat()
         where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

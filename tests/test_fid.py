@@ -201,6 +201,38 @@ def test_reference_statistics_of_two_copies_of_a_dataset_are_cached_apart(tmp_pa
     assert len(os.listdir(cache)) == 3
 
 
+def test_a_folders_statistics_are_made_anew_when_a_file_below_it_changes(tmp_path, monkeypatch):
+    """A folder of images as the reference: a file rewritten in place in a subfolder, or one added
+    there, changes no time of the folder itself; its statistics must not be reused all the same."""
+    import os
+    from types import SimpleNamespace
+    from PIL import Image
+    monkeypatch.setattr(metrics, "_features", lambda ex, images, batch_size=None:
+                        (images.double().mean(dim=(2, 3)).numpy(), None))
+    extractor, cache = SimpleNamespace(tag="mean"), str(tmp_path / "stats")
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, value in (("a.png", 0), ("sub/b.png", 0)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / name)
+    stamp = os.stat(folder).st_mtime_ns, os.stat(folder / "sub").st_mtime_ns
+
+    def mean():
+        return metrics.reference_stats(extractor, str(folder), cache_dir=cache, image_size=8)["mu"].tolist()
+
+    def keep_folder_times():
+        os.utime(folder, ns=(stamp[0], stamp[0]))
+        os.utime(folder / "sub", ns=(stamp[1], stamp[1]))
+
+    assert mean() == [0, 0, 0]
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(folder / "sub" / "b.png")     # rewritten in place
+    os.utime(folder / "sub" / "b.png", ns=(1, 1))
+    keep_folder_times()
+    assert mean() == [100, 100, 100]
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(folder / "sub" / "c.png")     # one more below
+    keep_folder_times()
+    assert mean() == [150, 150, 150] and len(os.listdir(cache)) == 3
+
+
 def test_copy_check_of_grey_samples_read_back_as_rgb(tmp_path, capsys):
     """PNG folders come back RGB (load_image_folder); against a grey training set the samples are
     turned grey first, so each sample stays one sample."""
@@ -242,3 +274,31 @@ def test_copy_check_writes_the_closest_pairs_and_finds_a_planted_copy(tmp_path, 
     assert Image.open(tmp_path / "pairs.png").size == (2 * 16 + 6, 2 * 16 + 6)         # 2 pairs, side by side
     with pytest.raises(ValueError, match="held-out"):
         fid.copies(planted, str(tiny_npz(tmp_path / "one_split.npz", 4, 0)), args)
+
+
+def test_floor_scores_real_images_of_the_other_split(stand_in_inception, tmp_path, capsys, monkeypatch):
+    """--floor N: N training images (shuffled with --seed) against the test reference, the real-vs-real
+    floor at n = N; the same as scoring those images as --samples."""
+    monkeypatch.setattr(metrics, "frechet_distance",
+                        lambda m1, s1, m2, s2, f=metrics.frechet_distance: f(m1[:32], s1[:32, :32], m2[:32], s2[:32, :32]))
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.RandomState(5)
+    train = rng.randint(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    np.savez(data / "cifar10_train.npz", images=train, labels=np.arange(7) % 10)
+    np.savez(data / "cifar10_test.npz", images=rng.randint(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(4))
+    common = ["--dataset", "cifar10", "--split", "test", "--data-dir", str(data), "--inception-weights",
+              str(stand_in_inception), "--ckpt-dir", str(tmp_path / "ck"), "--kid-subsets", "2",
+              "--kid-subset-size", "3", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="NON-standard"):
+        floor = fid.main(["--floor", "3", "--seed", "1"] + common)
+    assert floor["n"] == 3 and "n=3 vs cifar10 test (4 images), real images (train split, seed 1)" in capsys.readouterr().out
+    chosen = train[torch.randperm(7, generator=torch.Generator().manual_seed(1))[:3].numpy()]
+    np.savez(tmp_path / "chosen.npz", images=chosen)
+    with pytest.warns(UserWarning, match="NON-standard"):
+        same = fid.main(["--samples", str(tmp_path / "chosen.npz")] + common)
+    assert same["fid"] == pytest.approx(floor["fid"], rel=1e-9) and same["kid"] == pytest.approx(floor["kid"], rel=1e-9)
+    with pytest.raises(SystemExit):
+        fid.main(["--floor", "8"] + common)
+    assert "--floor 8: the train split of cifar10 holds 7 images; give 2 … 7" in capsys.readouterr().err
