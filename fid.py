@@ -164,8 +164,8 @@ def images_to_score(args, parser):
     except ValueError as e:
         parser.error(str(e))
     if args.first is not None:
-        if not 1 <= args.first <= len(images):
-            parser.error(f"--first {args.first}: {' + '.join(args.samples)} holds {len(images)} images; give 1 … {len(images)}")
+        if not 2 <= args.first <= len(images):      # a covariance needs 2
+            parser.error(f"--first {args.first}: {' + '.join(args.samples)} holds {len(images)} images; give 2 … {len(images)}")
         images = images[:args.first]
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
