@@ -34,7 +34,7 @@ CPU = dict(base_channels=32, channel_mults=[1, 2, 4, 4], num_res_blocks=1, attn_
 PRESETS = {
     "cpu": (CPU, "the CPU recipe: a 4.2M-parameter, 0.81-GFLOP class-conditional v-model (base 32, mults "
                  "1,2,4,4), EDM's log-normal noise levels, lr 1e-3 decayed to 0 over a 5-PFLOP budget (about "
-                 "6.5 h of a 2-core CPU, in as many sittings as you like: --max-minutes, then --resume)"),
+                 "8 h of a 2-core CPU, in as many sittings as you like: --max-minutes, then --resume)"),
     "small": (dict(base_channels=64, channel_mults=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16],
                    dropout=0.1, lr=5e-4, warmup_steps=500, ema_decay=0.999, ema_warmup=True,
                    steps=50_000, log_every=50, sample_every=2000, save_every=2000),

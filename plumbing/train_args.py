@@ -190,7 +190,8 @@ def optimisation_flags(g):
     g.add_argument("--lr", type=number(float, 0, low_open=True), help="peak AdamW learning rate")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="after warmup: constant (DDPM), or decay to 0 over the run, linear or cosine; the run's "
-                        "end is --steps or --max-minutes, whichever comes first")
+                        "end is the first reached of --steps, --max-pflop and --budget-minutes (without those "
+                        "two, --max-minutes)")
     g.add_argument("--weight-decay", type=number(float, 0), help="AdamW weight decay (DDPM used none)")
     g.add_argument("--warmup-steps", type=COUNT, help="linear learning-rate warmup, in steps")
     g.add_argument("--grad-clip", type=number(float, 0, low_open=True), help="clip the gradient's global norm to this")
@@ -239,8 +240,8 @@ def system_flags(g):
     B = argparse.BooleanOptionalAction
     g.add_argument("--seed", type=COUNT, help="seeds the weights, the noise and the data order")
     g.add_argument("--device", help=DEVICE_HELP)
-    g.add_argument("--amp", action=B, help="bf16 autocast on CUDA and on CPUs with native bf16 "
-                   "(AVX512-BF16 or AMX; ignored elsewhere)")
+    g.add_argument("--amp", action=B, help="bf16 autocast on CUDA cards with native bf16 (compute capability "
+                   "≥ 8) and on CPUs with native bf16 (AVX512-BF16 or AMX); ignored elsewhere")
     g.add_argument("--compile", action=B, help="torch.compile the UNet (CUDA; minutes to compile, faster after)")
     g.add_argument("--num-workers", type=COUNT, help="DataLoader workers, used only for a dataset that does not fit "
                                                      "on the GPU")

@@ -3,7 +3,7 @@ clicks Generate, and sees the live frames and then the result grid appear.
 
 Also the screenshots on docs/demo.md, reusable with any trained model:
 
-    DEMO_SCREENSHOT=docs/demo.png python -m pytest tests/test_app_browser.py     # the shipped faces model
+    DEMO_SCREENSHOT=docs/demo.png python -m pytest -m slow tests/test_app_browser.py     # the shipped faces model
 
 DEMO_CKPT: the checkpoint to show (default: the shipped faces model, pretrained/faces.pt, and where
 there is none, a tiny random one made here, which draws noise).
