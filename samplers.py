@@ -130,9 +130,12 @@ def denoise(diffusion, x, sigma, labels=None, guidance=0.0, clip_denoised=None):
     """
     t = torch.full((x.shape[0],), sigma_to_t(diffusion.sigma_table, sigma).item(), device=x.device)    # (B,) float
     alpha_bar = 1 / (1 + sigma ** 2)                                                    # ᾱ = 1/(1 + σ²)
+    guidance = as_guidance(guidance).at(sigma)                                          # w at this σ
     if labels is None and diffusion.num_classes is not None:      # the null label as an integer (t is a float)
         labels = null_labels(diffusion.num_classes, x.shape[0], x.device)
-    out = diffusion.network(math.sqrt(alpha_bar) * x, t, labels, as_guidance(guidance).at(sigma))  # at x_t = √ᾱ·x_σ
+        if guidance.guide is None:
+            guidance = 0.0                 # classifier-free guidance of ∅ against ∅ is ∅: one call, not two
+    out = diffusion.network(math.sqrt(alpha_bar) * x, t, labels, guidance)                  # at x_t = √ᾱ·x_σ
     if diffusion.objective == "eps":
         x0 = x - sigma * out                                                  # x̂_0 = x_σ − σ·ε_θ
     elif diffusion.objective == "x0":

@@ -362,3 +362,17 @@ def test_edm_below_its_minimum_gives_noise_on_the_shipped_digits_model_and_is_re
     assert dark(run(calls)) < 0.6 and dark(run(EDM_MIN_CALLS)) > 0.7
     with pytest.raises(ValueError, match=f"use {EDM_MIN_CALLS} or more"):
         diffusion.sample(4, sampler="edm", steps=calls, labels=labels[:4], progress=False)
+
+
+def test_edm_without_labels_on_a_conditional_model_makes_one_call_a_step_whatever_w():
+    """No labels: the model's unconditional output; classifier-free guidance would set ∅ against ∅
+    (the same output) at twice the calls. As DDPM and DDIM do, w has nothing to act on."""
+    from conftest import WavyEps, make_diffusion
+    outs, calls = [], []
+    for w in (0.0, 2.0):
+        model = WavyEps(num_classes=3)
+        diffusion = make_diffusion(model, timesteps=20, image_size=4)
+        outs.append(diffusion.sample(2, sampler="edm", steps=7, guidance=w, progress=False,
+                                     generator=torch.Generator().manual_seed(0)))
+        calls.append(sum(batch for batch, _, _ in model.calls))
+    assert torch.equal(outs[0], outs[1]) and calls[0] == calls[1] == 2 * 7
