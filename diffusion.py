@@ -386,6 +386,8 @@ class GaussianDiffusion(nn.Module):
         self._check_labels(labels, n)
         if sampler in ("edm", "dpmpp2m") and eta != 0.0:
             raise ValueError(f"eta is DDIM's η; {sampler} does not take it (edm's noise is set by churn)")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta is DDIM's η in [0, 1], got {eta!r}: above 1, eq. 12's √(1 − ᾱ_t' − σ²) has no root")
         if churn < 0 or s_noise < 0:
             raise ValueError(f"churn and s_noise must be ≥ 0, got churn={churn!r}, s_noise={s_noise!r}")
         device = self.betas.device

@@ -534,9 +534,8 @@ def source_tag(name, data_dir=None, train=True):
     if path is None or not path.exists():
         where = f"{data_root(data_dir).resolve()}/{name}"
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        where = f"{path.resolve()}|" + "|".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                                 for p in files)
+        stats = sorted((str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file())
+        where = f"{path.resolve()}|" + "|".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
     else:
         stat = path.stat()
         where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

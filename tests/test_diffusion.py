@@ -522,3 +522,11 @@ def test_eq12_weight_is_beta_squared_over_two_sigma_squared_alpha_one_minus_alph
     # L_simple drops a weight that is largest at small t: eq. 12 weights t = 1 more than t = T.
     w = diffusion.eq12_weight(torch.tensor([1, 999]))
     assert w[0] > 10 * w[1]
+
+
+@pytest.mark.parametrize("eta", [1.5, -0.1])
+def test_the_library_refuses_eta_outside_0_to_1(eta):
+    # generate.py refuses it before loading a model; a caller of sample() gets the same rule
+    diffusion = make_diffusion(WavyEps(), timesteps=10)
+    with pytest.raises(ValueError, match=r"eta is DDIM's η in \[0, 1\]"):
+        diffusion.sample(2, sampler="ddim", steps=3, eta=eta, progress=False)
