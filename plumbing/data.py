@@ -535,7 +535,7 @@ def source_tag(name, data_dir=None, train=True):
         where = f"{data_root(data_dir).resolve()}/{name}"
     elif path.is_dir():
         stats = sorted((str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file())
-        where = f"{path.resolve()}|" + "|".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
+        where = f"{path.resolve()}|" + "|".join(f"{rel}:{st.st_size}:{st.st_mtime_ns}" for rel, st in stats)
     else:
         stat = path.stat()
         where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
